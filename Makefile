@@ -1,0 +1,37 @@
+# Two commands on a fresh machine with Python 3.11: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
+
+.PHONY: run test bench clean
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+$(DEVSTAMP): $(STAMP) requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(DEVSTAMP)
+
+## start the service under uWSGI on 127.0.0.1:8080 (SQLite in var/, pushes in dry-run without credentials)
+run: $(STAMP)
+	mkdir -p var/run
+	rm -rf var/run/metrics
+	$(VENV)/bin/uwsgi --ini uwsgi.ini
+
+## run the whole test suite
+test: $(DEVSTAMP)
+	$(PY) -m pytest
+
+## run the benchmarks; tables on stdout, JSON in bench/results/
+bench: $(DEVSTAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) var .pytest_cache
