@@ -1,0 +1,748 @@
+"""The schema and every query of the service, on SQLAlchemy Core 2.x.
+
+One module owns the tables so the web layer and the dispatcher agree on them.
+It imports nothing from either: chat_app -> notifier -> storage, never back.
+
+Times are stored as UTC epoch seconds (float): they compare the same way on
+SQLite and PostgreSQL, and the dispatcher's `now` stays a plain number.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from notifier.model import DeliveryState, Platform, Push
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+NOTIFY_CHANNEL = "chat_push_jobs"  # PostgreSQL LISTEN/NOTIFY channel that wakes dispatchers on every host
+
+metadata = sa.MetaData()
+# 64-bit ids on PostgreSQL (a busy service passes 2**31 deliveries); on SQLite an INTEGER primary
+# key is the 64-bit rowid already, and must stay INTEGER to be one
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+meta = sa.Table(
+    "meta", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(255), nullable=False),
+)
+
+users = sa.Table(
+    "users", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+devices = sa.Table(
+    "devices", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("user_id", Id, sa.ForeignKey("users.id"), nullable=False, index=True),
+    sa.Column("platform", sa.String(8), nullable=False),
+    sa.Column("token", sa.String(4096), nullable=False),
+    sa.Column("app", sa.String(255)),
+    sa.Column("enabled", sa.Boolean, nullable=False, default=True),
+    # why the device stopped receiving: "unregistered" (the provider said so), "deleted" (the user)
+    sa.Column("disabled_reason", sa.String(64)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    # a token identifies one phone whatever the platform: it can belong to one user at a time
+    sa.UniqueConstraint("token", name="uq_devices_token"),
+)
+
+chats = sa.Table(
+    "chats", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("creator_id", Id, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+members = sa.Table(
+    "members", metadata,
+    sa.Column("chat_id", Id, sa.ForeignKey("chats.id"), primary_key=True),
+    sa.Column("user_id", Id, sa.ForeignKey("users.id"), primary_key=True),
+    sa.Column("muted_until", sa.Double),
+    sa.Column("joined_at", sa.Double, nullable=False),
+    sa.Index("ix_members_user", "user_id", "chat_id"),
+)
+
+messages = sa.Table(
+    "messages", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("chat_id", Id, sa.ForeignKey("chats.id"), nullable=False),
+    sa.Column("sender_id", Id, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("client_id", sa.String(64)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    # history pages walk (chat_id, id); retried POSTs look up (chat_id, sender_id, client_id)
+    sa.Index("ix_messages_chat", "chat_id", "id"),
+    sa.UniqueConstraint("chat_id", "sender_id", "client_id", name="uq_messages_client_id"),
+)
+
+push_jobs = sa.Table(
+    "push_jobs", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("message_id", Id, sa.ForeignKey("messages.id"), nullable=False, unique=True),
+    sa.Column("state", sa.String(16), nullable=False),  # pending -> expanded
+    # where the chunked expansion stands: the last (user_id, device_id) turned into a delivery. Kept
+    # in the row, committed with the deliveries it covers, so any dispatcher on any host can expand
+    # the next chunk, and a crash loses nothing
+    sa.Column("cursor_user", Id),
+    sa.Column("cursor_device", Id),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Index("ix_push_jobs_state", "state", "id"),
+)
+
+deliveries = sa.Table(
+    "deliveries", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("message_id", Id, sa.ForeignKey("messages.id"), nullable=False),
+    sa.Column("device_id", Id, sa.ForeignKey("devices.id"), nullable=False),
+    sa.Column("platform", sa.String(8), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.Double, nullable=False),
+    sa.Column("lease_owner", sa.String(128)),
+    sa.Column("lease_until", sa.Double),
+    sa.Column("last_status", sa.Integer),
+    sa.Column("last_reason", sa.String(255)),
+    sa.Column("sent_at", sa.Double),
+    # the host whose dispatcher made the last attempt (shows how several hosts share the work)
+    sa.Column("handled_by", sa.String(128)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.UniqueConstraint("message_id", "device_id", name="uq_deliveries_message_device"),
+    # the claim query: pending rows in due order
+    sa.Index("ix_deliveries_due", "state", "next_attempt_at"),
+)
+
+dispatchers = sa.Table(
+    "dispatchers", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("host_id", sa.String(128), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("heartbeat_at", sa.Double, nullable=False),
+    sa.Column("stopped_at", sa.Double),
+    sa.Index("ix_dispatchers_host", "host_id", "heartbeat_at"),
+)
+
+
+# ---------------------------------------------------------------- engine and schema
+
+def make_engine(url: str, **kwargs) -> Engine:
+    """An Engine for `url`; SQLite gets WAL, foreign keys, a busy timeout and IMMEDIATE writes."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("postgresql"):
+        kwargs.setdefault("pool_pre_ping", True)  # reconnect after the server restarts
+        kwargs.setdefault("pool_size", 4)
+        kwargs.setdefault("max_overflow", 4)
+    engine = sa.create_engine(url, **kwargs)
+    _never_share_across_fork(engine)
+    if engine.dialect.name == "sqlite":
+        _tune_sqlite(engine)
+    return engine
+
+
+def _never_share_across_fork(engine: Engine) -> None:
+    """A forked process (uWSGI worker, PushProcess) never uses a connection its parent opened.
+
+    SQLAlchemy's documented recipe: remember the pid that opened each connection; on checkout in
+    another process, drop the connection without closing it (closing would end the parent's
+    session on a PostgreSQL socket both share) and open a new one.
+    """
+    @event.listens_for(engine, "connect")
+    def on_connect(_dbapi_connection, record):
+        record.info["pid"] = os.getpid()
+
+    @event.listens_for(engine, "checkout")
+    def on_checkout(_dbapi_connection, record, proxy):
+        if record.info.get("pid") != os.getpid():
+            record.dbapi_connection = proxy.dbapi_connection = None
+            raise sa.exc.DisconnectionError("connection opened by another process; reconnecting")
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection, _record):
+        # Let us issue BEGIN ourselves: pysqlite's implicit BEGIN is DEFERRED, and a deferred
+        # transaction that reads then writes fails at once with "database is locked" instead of
+        # waiting on the busy timeout when another process writes.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # WAL stays durable against process crashes
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
+
+
+def writer(engine: Engine) -> Engine:
+    """The engine to use for transactions that write: takes SQLite's write lock up front."""
+    return engine.execution_options(write=True)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create missing tables and record the schema version; safe to run from many processes at once."""
+    with writer(engine).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # serialize concurrent start-ups; released at commit
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7311001)"))
+        metadata.create_all(conn, checkfirst=True)
+        version = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+        if version is None:
+            conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+        elif int(version) > SCHEMA_VERSION:
+            raise RuntimeError(f"database schema version {version} is newer than this code ({SCHEMA_VERSION})")
+
+
+def schema_version(conn: Connection) -> int:
+    """The version recorded in the database."""
+    return int(conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar_one())
+
+
+def ping(conn: Connection) -> None:
+    """Raise if the database does not answer."""
+    conn.execute(sa.text("SELECT 1")).scalar_one()
+
+
+def iso(epoch: float | None) -> str | None:
+    """Render an epoch time as API.md's ISO 8601 UTC string with a Z suffix."""
+    if epoch is None:
+        return None
+    text = datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a bearer token: a SHA-256 hex digest (tokens are random, no salt needed)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _insert(conn: Connection, table: sa.Table):
+    """A dialect insert, so ON CONFLICT DO NOTHING is available on both engines."""
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+# ---------------------------------------------------------------- users
+
+def create_user(conn: Connection, name: str, token_hash: str, now: float) -> dict:
+    """Insert a user; return {"id", "name"}."""
+    user_id = conn.execute(
+        users.insert().values(name=name, token_hash=token_hash, created_at=now).returning(users.c.id)
+    ).scalar_one()
+    return {"id": user_id, "name": name}
+
+
+def user_by_token_hash(conn: Connection, token_hash: str) -> dict | None:
+    """The user owning this token hash, or None."""
+    row = conn.execute(sa.select(users.c.id, users.c.name).where(users.c.token_hash == token_hash)).first()
+    return dict(row._mapping) if row else None
+
+
+def existing_user_ids(conn: Connection, ids: Iterable[int]) -> set[int]:
+    """The subset of `ids` that are users."""
+    ids = list(set(ids))
+    if not ids:
+        return set()
+    return set(conn.execute(sa.select(users.c.id).where(users.c.id.in_(ids))).scalars())
+
+
+# ---------------------------------------------------------------- devices
+
+def _device_dict(row) -> dict:
+    return {"id": row.id, "platform": row.platform, "token": row.token, "app": row.app}
+
+
+def device_by_token(conn: Connection, token: str):
+    """The device row holding this token, or None."""
+    return conn.execute(sa.select(devices).where(devices.c.token == token)).first()
+
+
+def insert_device(conn: Connection, user_id: int, platform: str, token: str, app: str | None, now: float) -> dict:
+    """Insert a new enabled device."""
+    device_id = conn.execute(
+        devices.insert().values(user_id=user_id, platform=platform, token=token, app=app,
+                                enabled=True, created_at=now).returning(devices.c.id)
+    ).scalar_one()
+    return {"id": device_id, "platform": platform, "token": token, "app": app}
+
+
+def rebind_device(conn: Connection, device_id: int, user_id: int, platform: str, app: str | None) -> dict:
+    """Give an existing token row to `user_id` and enable it again (a phone changed hands or came back)."""
+    conn.execute(
+        devices.update().where(devices.c.id == device_id)
+        .values(user_id=user_id, platform=platform, app=app, enabled=True, disabled_reason=None)
+    )
+    return {"id": device_id, "platform": platform, "token": device_token(conn, device_id), "app": app}
+
+
+def device_token(conn: Connection, device_id: int) -> str:
+    """The token of a device."""
+    return conn.execute(sa.select(devices.c.token).where(devices.c.id == device_id)).scalar_one()
+
+
+def list_devices(conn: Connection, user_id: int) -> list[dict]:
+    """The user's enabled devices, oldest first."""
+    rows = conn.execute(
+        sa.select(devices).where(devices.c.user_id == user_id, devices.c.enabled.is_(True)).order_by(devices.c.id)
+    )
+    return [_device_dict(row) for row in rows]
+
+
+def device_owner(conn: Connection, device_id: int) -> int | None:
+    """The owner of an enabled device, or None when there is no such device."""
+    return conn.execute(
+        sa.select(devices.c.user_id).where(devices.c.id == device_id, devices.c.enabled.is_(True))
+    ).scalar()
+
+
+def disable_devices(conn: Connection, device_ids: Sequence[int], reason: str) -> None:
+    """Stop pushing to these devices; later messages skip them."""
+    if device_ids:
+        conn.execute(
+            devices.update().where(devices.c.id.in_(list(device_ids)))
+            .values(enabled=False, disabled_reason=reason)
+        )
+
+
+# ---------------------------------------------------------------- chats and members
+
+def create_chat(conn: Connection, name: str, creator_id: int, member_ids: Iterable[int], now: float) -> int:
+    """Insert a chat with its members (the creator included); return its id."""
+    chat_id = conn.execute(
+        chats.insert().values(name=name, creator_id=creator_id, created_at=now).returning(chats.c.id)
+    ).scalar_one()
+    ids = sorted({creator_id, *member_ids})
+    conn.execute(members.insert(), [{"chat_id": chat_id, "user_id": uid, "joined_at": now} for uid in ids])
+    return chat_id
+
+
+def get_chat(conn: Connection, chat_id: int):
+    """The chat row, or None."""
+    return conn.execute(sa.select(chats).where(chats.c.id == chat_id)).first()
+
+
+def chat_members(conn: Connection, chat_id: int) -> list[dict]:
+    """Members of a chat as {"id", "name"}, in id order."""
+    rows = conn.execute(
+        sa.select(users.c.id, users.c.name).join(members, members.c.user_id == users.c.id)
+        .where(members.c.chat_id == chat_id).order_by(users.c.id)
+    )
+    return [dict(row._mapping) for row in rows]
+
+
+def is_member(conn: Connection, chat_id: int, user_id: int) -> bool:
+    """Whether the user belongs to the chat."""
+    return conn.execute(
+        sa.select(members.c.user_id).where(members.c.chat_id == chat_id, members.c.user_id == user_id)
+    ).first() is not None
+
+
+def list_chats(conn: Connection, user_id: int) -> list[dict]:
+    """Chats the user is a member of, oldest first."""
+    rows = conn.execute(
+        sa.select(chats.c.id, chats.c.name).join(members, members.c.chat_id == chats.c.id)
+        .where(members.c.user_id == user_id).order_by(chats.c.id)
+    )
+    return [dict(row._mapping) for row in rows]
+
+
+def add_member(conn: Connection, chat_id: int, user_id: int, now: float) -> bool:
+    """Add a member; False when the user already was one."""
+    result = conn.execute(
+        _insert(conn, members).values(chat_id=chat_id, user_id=user_id, joined_at=now).on_conflict_do_nothing()
+        .execution_options(preserve_rowcount=True)  # SQLAlchemy keeps an INSERT's rowcount only when asked
+    )
+    return result.rowcount == 1
+
+
+def remove_member(conn: Connection, chat_id: int, user_id: int) -> bool:
+    """Remove a member; False when the user was not one."""
+    result = conn.execute(members.delete().where(members.c.chat_id == chat_id, members.c.user_id == user_id))
+    return result.rowcount == 1
+
+
+def set_muted_until(conn: Connection, chat_id: int, user_id: int, until: float | None) -> None:
+    """Mute the member's pushes for this chat until `until` (None unmutes)."""
+    conn.execute(
+        members.update().where(members.c.chat_id == chat_id, members.c.user_id == user_id)
+        .values(muted_until=until)
+    )
+
+
+# ---------------------------------------------------------------- messages
+
+def _message_dict(row) -> dict:
+    return {
+        "id": row.id, "chat_id": row.chat_id, "sender_id": row.sender_id, "text": row.text,
+        "client_id": row.client_id, "created_at": iso(row.created_at),
+    }
+
+
+def message_by_client_id(conn: Connection, chat_id: int, sender_id: int, client_id: str) -> dict | None:
+    """The message this sender already posted to this chat with this client_id, or None."""
+    row = conn.execute(
+        sa.select(messages).where(messages.c.chat_id == chat_id, messages.c.sender_id == sender_id,
+                                  messages.c.client_id == client_id)
+    ).first()
+    return _message_dict(row) if row else None
+
+
+def insert_message_with_job(conn: Connection, chat_id: int, sender_id: int, text: str,
+                            client_id: str | None, now: float) -> dict:
+    """Insert a message and its push job; the caller's transaction makes them one write."""
+    row = conn.execute(
+        messages.insert().values(chat_id=chat_id, sender_id=sender_id, text=text, client_id=client_id,
+                                 created_at=now).returning(*messages.c)
+    ).one()
+    conn.execute(push_jobs.insert().values(message_id=row.id, state="pending", created_at=now))
+    if conn.dialect.name == "postgresql":
+        # delivered to every listening dispatcher, on any host, when (and only if) this commits
+        conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+    return _message_dict(row)
+
+
+def get_message(conn: Connection, message_id: int) -> dict | None:
+    """The message, or None."""
+    row = conn.execute(sa.select(messages).where(messages.c.id == message_id)).first()
+    return _message_dict(row) if row else None
+
+
+def list_messages(conn: Connection, chat_id: int, before: int | None, after: int | None, limit: int) -> list[dict]:
+    """A page of history: newest first, unless `after` is given (then oldest first)."""
+    query = sa.select(messages).where(messages.c.chat_id == chat_id)
+    if before is not None:
+        query = query.where(messages.c.id < before)
+    if after is not None:
+        query = query.where(messages.c.id > after)
+    order = messages.c.id.asc() if after is not None else messages.c.id.desc()
+    return [_message_dict(row) for row in conn.execute(query.order_by(order).limit(limit))]
+
+
+def message_deliveries(conn: Connection, message_id: int) -> list[dict]:
+    """Every delivery of a message, by device."""
+    rows = conn.execute(
+        sa.select(deliveries).where(deliveries.c.message_id == message_id).order_by(deliveries.c.device_id)
+    )
+    return [
+        {"device_id": r.device_id, "platform": r.platform, "state": r.state, "attempts": r.attempts,
+         "last_status": r.last_status, "last_reason": r.last_reason, "sent_at": iso(r.sent_at)}
+        for r in rows
+    ]
+
+
+def job_expanded(conn: Connection, message_id: int) -> bool:
+    """Whether the message's push job has been turned into deliveries yet."""
+    state = conn.execute(sa.select(push_jobs.c.state).where(push_jobs.c.message_id == message_id)).scalar()
+    return state in (None, "expanded")
+
+
+# ---------------------------------------------------------------- the outbox (dispatcher side)
+
+def _claimable(table: sa.Table, now: float):
+    return sa.or_(table.c.lease_until.is_(None), table.c.lease_until <= now)
+
+
+def _claim_ids(conn: Connection, table: sa.Table, where, order, owner: str, now: float, lease: float,
+               limit: int) -> list[int]:
+    """Lease up to `limit` rows matching `where`; return their ids. SKIP LOCKED on PostgreSQL."""
+    candidates = sa.select(table.c.id).where(where, _claimable(table, now)).order_by(*order).limit(limit)
+    if conn.dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    result = conn.execute(
+        table.update().where(table.c.id.in_(candidates.scalar_subquery()))
+        .values(lease_owner=owner, lease_until=now + lease).returning(table.c.id)
+    )
+    return sorted(result.scalars())
+
+
+def expand_pending_jobs(conn: Connection, now: float, budget: int | None = None) -> int:
+    """Turn pending push jobs, oldest first, into about `budget` pending deliveries (None: all of them).
+
+    Recipients: members other than the sender, not muted at `now`, with enabled devices, taken in
+    (user, device) order from the job's cursor on. Each job is locked for the caller's transaction
+    only (FOR UPDATE SKIP LOCKED on PostgreSQL: a job another dispatcher is expanding right now is
+    passed over, not waited for), and its cursor moves in the same transaction as the rows it
+    covers. So a big chat is expanded a chunk at a time by whichever dispatchers are free, no
+    transaction holds SQLite's write lock for long, a first batch leaves before the last recipients
+    are inserted, and a 100,000-device message never sits in one transaction. ON CONFLICT DO NOTHING
+    keeps a replayed chunk harmless. Returns the number of deliveries created.
+    """
+    next_job, chunk_end, expand_rest, expand_upto, move_cursor, job_done = _expansion_statements(
+        conn.dialect.name)
+    created, after_job = 0, 0
+    while budget is None or created < budget:
+        job = conn.execute(next_job, {"after_job": after_job}).first()
+        if job is None:
+            break
+        after_job = job.id
+        params = {"message": job.message_id, "now": now,
+                  "after_user": -1 if job.cursor_user is None else job.cursor_user,
+                  "after_device": -1 if job.cursor_device is None else job.cursor_device}
+        end = None
+        if budget is not None:  # the chunk's last recipient, and whether any comes after it
+            bounds = conn.execute(chunk_end, {**params, "skip": budget - created - 1}).all()
+            end = bounds[0] if len(bounds) == 2 else None
+        if end is None:  # the rest fits in this chunk
+            created += max(conn.execute(expand_rest, params).rowcount, 0)
+            conn.execute(job_done, {"job": job.id})
+        else:
+            created += max(conn.execute(expand_upto, {**params, "end_user": end[0], "end_device": end[1]})
+                           .rowcount, 0)
+            conn.execute(move_cursor, {"job": job.id, "end_user": end[0], "end_device": end[1]})
+    return created
+
+
+@functools.cache
+def _expansion_statements(dialect: str) -> tuple:
+    """The chunked expansion's statements, built once per dialect (SQLAlchemy then reuses their
+    compiled form instead of rebuilding and re-hashing the expressions on every call)."""
+    now = sa.bindparam("now", type_=sa.Double)
+    after_user, after_device = sa.bindparam("after_user", type_=Id), sa.bindparam("after_device", type_=Id)
+    after = sa.and_(members.c.user_id >= after_user,
+                    sa.or_(members.c.user_id > after_user, devices.c.id > after_device))
+
+    def recipients(*columns):
+        return (
+            sa.select(*columns).select_from(messages)
+            .join(members, members.c.chat_id == messages.c.chat_id)
+            .join(devices, devices.c.user_id == members.c.user_id)
+            .where(messages.c.id == sa.bindparam("message", type_=Id),
+                   members.c.user_id != messages.c.sender_id,
+                   sa.or_(members.c.muted_until.is_(None), members.c.muted_until <= now),
+                   devices.c.enabled.is_(True), after)
+        )
+
+    def insert(select):
+        return ((postgresql.insert if dialect == "postgresql" else sqlite.insert)(deliveries).from_select(
+            ["message_id", "device_id", "platform", "state", "attempts", "next_attempt_at", "created_at"], select)
+            .on_conflict_do_nothing().execution_options(preserve_rowcount=True))
+
+    columns = (messages.c.id, devices.c.id, devices.c.platform, sa.literal(DeliveryState.PENDING.value),
+               sa.literal(0), now, now)
+    end_user, end_device = sa.bindparam("end_user", type_=Id), sa.bindparam("end_device", type_=Id)
+    upto = sa.or_(members.c.user_id < end_user, sa.and_(members.c.user_id == end_user, devices.c.id <= end_device))
+    next_job = (sa.select(push_jobs.c.id, push_jobs.c.message_id, push_jobs.c.cursor_user, push_jobs.c.cursor_device)
+                .where(push_jobs.c.state == "pending", push_jobs.c.id > sa.bindparam("after_job", type_=Id))
+                .order_by(push_jobs.c.id).limit(1))
+    if dialect == "postgresql":
+        next_job = next_job.with_for_update(skip_locked=True)
+    this_job = push_jobs.c.id == sa.bindparam("job", type_=Id)
+    return (
+        next_job,
+        recipients(members.c.user_id, devices.c.id).order_by(members.c.user_id, devices.c.id)
+        .limit(2).offset(sa.bindparam("skip", type_=sa.Integer)),
+        insert(recipients(*columns)),
+        insert(recipients(*columns).where(upto)),
+        push_jobs.update().where(this_job).values(cursor_user=end_user, cursor_device=end_device),
+        push_jobs.update().where(this_job).values(state="expanded"),
+    )
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A leased delivery: the Push to send, or a device that is no longer enabled."""
+
+    push: Push
+    device_enabled: bool
+
+
+def claim_deliveries(conn: Connection, owner: str, now: float, lease: float, limit: int) -> list[Claimed]:
+    """Lease up to `limit` due pending deliveries and load what sending them needs, in two queries."""
+    return load_claimed(conn, claim_delivery_ids(conn, owner, now, lease, limit))
+
+
+def claim_delivery_ids(conn: Connection, owner: str, now: float, lease: float, limit: int) -> list[int]:
+    """Lease up to `limit` due pending deliveries (oldest due first); return their ids."""
+    return _claim_ids(
+        conn, deliveries,
+        sa.and_(deliveries.c.state == DeliveryState.PENDING.value, deliveries.c.next_attempt_at <= now),
+        [deliveries.c.next_attempt_at, deliveries.c.id], owner, now, lease, limit,
+    )
+
+
+def load_claimed(conn: Connection, ids: Sequence[int]) -> list[Claimed]:
+    """What sending these (leased) deliveries needs. A read: the dispatcher runs it after the claim
+    commits, so SQLite's write lock is not held while a thousand rows become Push objects."""
+    if not ids:
+        return []
+    return [
+        Claimed(
+            Push(delivery_id=r.id, message_id=r.message_id, chat_id=r.chat_id, chat_name=r.chat_name,
+                 sender_id=r.sender_id, sender_name=r.sender_name, text=r.text, device_id=r.device_id,
+                 platform=Platform(r.platform), token=r.token, app=r.app, attempts=r.attempts),
+            bool(r.enabled),
+        )
+        for r in conn.execute(_load_claimed_statement(), {"ids": list(ids)})
+    ]
+
+
+@functools.cache
+def _load_claimed_statement():
+    sender = users.alias("sender")
+    return (
+        sa.select(deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts, deliveries.c.device_id,
+                  devices.c.platform, devices.c.token, devices.c.app, devices.c.enabled,
+                  messages.c.chat_id, messages.c.sender_id, messages.c.text, chats.c.name.label("chat_name"),
+                  sender.c.name.label("sender_name"))
+        .select_from(deliveries)
+        .join(devices, devices.c.id == deliveries.c.device_id)
+        .join(messages, messages.c.id == deliveries.c.message_id)
+        .join(chats, chats.c.id == messages.c.chat_id)
+        .join(sender, sender.c.id == messages.c.sender_id)
+        .where(deliveries.c.id.in_(sa.bindparam("ids", expanding=True)))
+        .order_by(deliveries.c.id)
+    )
+
+
+@dataclass(frozen=True)
+class Update:
+    """The new state of one delivery after an attempt (or a decision not to attempt)."""
+
+    delivery_id: int
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float
+    last_status: int | None
+    last_reason: str | None
+    sent_at: float | None = None
+
+
+def record_updates(conn: Connection, owner: str, updates: Sequence[Update], host_id: str | None = None) -> int:
+    """Write attempt results, only for rows we still lease; release the leases.
+
+    Updates with the same values (a batch's `sent` rows share them all) are written by one
+    `UPDATE ... WHERE id IN (...)`: a handful of statements per batch instead of one per row, so the
+    transaction, and SQLite's write lock, ends sooner.
+    Returns the number of rows written (fewer than given when a lease was lost to another dispatcher).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for u in updates:
+        key = (u.state.value, u.attempts, u.next_attempt_at, u.last_status, u.last_reason, u.sent_at)
+        groups.setdefault(key, []).append(u.delivery_id)
+    written = 0
+    for (state, attempts, next_at, status, reason, sent_at), ids in groups.items():
+        written += conn.execute(_record_statement(), {
+            "ids": ids, "owner": owner, "b_state": state, "b_attempts": attempts, "b_next": next_at,
+            "b_status": status, "b_reason": reason, "b_sent": sent_at, "b_host": host_id,
+        }).rowcount
+    return written
+
+
+@functools.cache
+def _record_statement():
+    return (
+        deliveries.update()
+        .where(deliveries.c.id.in_(sa.bindparam("ids", expanding=True)),
+               deliveries.c.lease_owner == sa.bindparam("owner"))
+        .values(state=sa.bindparam("b_state"), attempts=sa.bindparam("b_attempts"),
+                next_attempt_at=sa.bindparam("b_next"), last_status=sa.bindparam("b_status"),
+                last_reason=sa.bindparam("b_reason"), sent_at=sa.bindparam("b_sent"),
+                handled_by=sa.bindparam("b_host"), lease_owner=None, lease_until=None)
+    )
+
+
+def renew_leases(conn: Connection, owner: str, until: float) -> int:
+    """Extend every lease `owner` holds to `until` (work in flight outlives a short lease)."""
+    return conn.execute(
+        deliveries.update().where(deliveries.c.lease_owner == owner).values(lease_until=until)
+    ).rowcount
+
+
+def release_leases(conn: Connection, owner: str) -> None:
+    """Give back every lease `owner` holds, so another dispatcher can take the rows at once."""
+    conn.execute(deliveries.update().where(deliveries.c.lease_owner == owner)
+                 .values(lease_owner=None, lease_until=None))
+
+
+def next_wakeup(conn: Connection, now: float) -> float | None:
+    """When there is next something to do: now for a job to expand, else the earliest due or lease expiry."""
+    job = conn.execute(
+        sa.select(sa.literal(now)).where(sa.exists().where(push_jobs.c.state == "pending"))
+    ).scalar()
+    delivery = conn.execute(
+        sa.select(sa.func.min(sa.case(
+            (deliveries.c.lease_until > deliveries.c.next_attempt_at, deliveries.c.lease_until),
+            else_=deliveries.c.next_attempt_at)))
+        .where(deliveries.c.state == DeliveryState.PENDING.value)
+    ).scalar()
+    candidates = [t for t in (job, delivery) if t is not None]
+    return min(candidates) if candidates else None
+
+
+def queue_depth(conn: Connection, now: float) -> dict:
+    """Pending work: unexpanded jobs, pending deliveries and the age of the oldest pending item."""
+    jobs, oldest_job = conn.execute(
+        sa.select(sa.func.count(), sa.func.min(push_jobs.c.created_at)).where(push_jobs.c.state == "pending")
+    ).one()
+    pending, oldest_delivery = conn.execute(
+        sa.select(sa.func.count(), sa.func.min(deliveries.c.created_at))
+        .where(deliveries.c.state == DeliveryState.PENDING.value)
+    ).one()
+    oldest = min([t for t in (oldest_job, oldest_delivery) if t is not None], default=None)
+    return {
+        "pending_jobs": jobs,
+        "pending_deliveries": pending,
+        "oldest_pending_age": round(now - oldest, 3) if oldest is not None else 0.0,
+    }
+
+
+def delivery_counts(conn: Connection) -> list[tuple[str, str, int]]:
+    """(platform, state, count) over every delivery: the source of the delivery metrics."""
+    rows = conn.execute(
+        sa.select(deliveries.c.platform, deliveries.c.state, sa.func.count())
+        .group_by(deliveries.c.platform, deliveries.c.state)
+    )
+    return [tuple(row) for row in rows]
+
+
+# ---------------------------------------------------------------- dispatcher registry
+
+def register_dispatcher(conn: Connection, host_id: str, pid: int, now: float) -> int:
+    """Record a dispatcher start; return its row id (counted as a restart by the metrics)."""
+    return conn.execute(
+        dispatchers.insert().values(host_id=host_id, pid=pid, started_at=now, heartbeat_at=now).returning(dispatchers.c.id)
+    ).scalar_one()
+
+
+def heartbeat(conn: Connection, dispatcher_id: int, now: float, stopped: bool = False) -> None:
+    """Mark the dispatcher alive at `now` (or stopped)."""
+    values = {"heartbeat_at": now}
+    if stopped:
+        values["stopped_at"] = now
+    conn.execute(dispatchers.update().where(dispatchers.c.id == dispatcher_id).values(**values))
+
+
+def dispatcher_status(conn: Connection, now: float, stale_after: float) -> dict:
+    """Dispatchers seen alive within `stale_after` seconds, and how many ever started."""
+    alive = conn.execute(
+        sa.select(dispatchers.c.host_id, dispatchers.c.pid, dispatchers.c.heartbeat_at)
+        .where(dispatchers.c.stopped_at.is_(None), dispatchers.c.heartbeat_at >= now - stale_after)
+        .order_by(dispatchers.c.id)
+    ).all()
+    starts = conn.execute(sa.select(sa.func.count()).select_from(dispatchers)).scalar_one()
+    return {
+        "alive": [{"host_id": r.host_id, "pid": r.pid, "last_seen": iso(r.heartbeat_at)} for r in alive],
+        "starts": starts,
+    }
