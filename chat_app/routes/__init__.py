@@ -1,0 +1,1 @@
+"""One module per resource; each has register(app, ctx)."""

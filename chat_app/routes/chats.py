@@ -1,0 +1,100 @@
+"""Chats, their members, and muting."""
+from __future__ import annotations
+
+from bottle import request, response
+
+from chat_app import validation
+from chat_app.errors import forbidden, invalid_field, not_found
+from notifier import storage
+
+MAX_INITIAL_MEMBERS = 10_000
+
+
+def load_chat_as_member(ctx, conn, chat_id: str, user_id: int):
+    """The chat row when it exists and the user is a member; else 404 or 403."""
+    number = validation.path_id(chat_id)
+    chat = storage.get_chat(conn, number) if number else None
+    if chat is None:
+        raise not_found("chat")
+    if not storage.is_member(conn, chat.id, user_id):
+        raise forbidden("you are not a member of this chat")
+    return chat
+
+
+def chat_body(conn, chat) -> dict:
+    """The API's representation of a chat with its members."""
+    return {"id": chat.id, "name": chat.name, "members": storage.chat_members(conn, chat.id)}
+
+
+def register(app, ctx) -> None:
+    """Add the chat routes to `app`."""
+
+    @app.post("/v1/chats")
+    def create_chat():
+        with ctx.read() as conn:
+            user = ctx.user(conn)
+        body = validation.read_json_object(request, ctx.max_body)
+        name = validation.text(body, "name", 64)
+        member_ids = validation.id_list(body, "member_ids", MAX_INITIAL_MEMBERS)
+        with ctx.write() as conn:
+            unknown = set(member_ids) - storage.existing_user_ids(conn, member_ids)
+            if unknown:
+                raise invalid_field("member_ids", f"unknown user ids: {sorted(unknown)[:10]}")
+            chat_id = storage.create_chat(conn, name, user["id"], member_ids, ctx.clock())
+            result = chat_body(conn, storage.get_chat(conn, chat_id))
+        response.status = 201
+        response.set_header("Location", f"/v1/chats/{chat_id}")
+        return result
+
+    @app.get("/v1/chats")
+    def my_chats():
+        with ctx.read() as conn:
+            user = ctx.user(conn)
+            return {"chats": storage.list_chats(conn, user["id"])}
+
+    @app.get("/v1/chats/<chat_id:id>")
+    def show_chat(chat_id):
+        with ctx.read() as conn:
+            user = ctx.user(conn)
+            return chat_body(conn, load_chat_as_member(ctx, conn, chat_id, user["id"]))
+
+    @app.post("/v1/chats/<chat_id:id>/members")
+    def add_member(chat_id):
+        with ctx.read() as conn:
+            user = ctx.user(conn)
+            load_chat_as_member(ctx, conn, chat_id, user["id"])
+        body = validation.read_json_object(request, ctx.max_body)
+        new_id = validation.integer_id(body, "user_id")
+        with ctx.write() as conn:
+            chat = load_chat_as_member(ctx, conn, chat_id, user["id"])
+            if not storage.existing_user_ids(conn, [new_id]):
+                raise not_found("user")
+            added = storage.add_member(conn, chat.id, new_id, ctx.clock())
+            result = chat_body(conn, chat)
+        response.status = 201 if added else 200
+        return result
+
+    @app.delete("/v1/chats/<chat_id:id>/members/<user_id:id>")
+    def remove_member(chat_id, user_id):
+        with ctx.write() as conn:
+            user = ctx.user(conn)
+            chat = load_chat_as_member(ctx, conn, chat_id, user["id"])
+            target = validation.path_id(user_id)
+            if target != user["id"] and user["id"] != chat.creator_id:
+                raise forbidden("only the chat's creator may remove other members")
+            if target is None or not storage.remove_member(conn, chat.id, target):
+                raise not_found("member")
+        response.status = 204
+        return ""
+
+    @app.put("/v1/chats/<chat_id:id>/mute")
+    def mute(chat_id):
+        with ctx.read() as conn:
+            user = ctx.user(conn)
+            load_chat_as_member(ctx, conn, chat_id, user["id"])
+        body = validation.read_json_object(request, ctx.max_body)
+        until = validation.timestamp_or_null(body, "until")
+        with ctx.write() as conn:
+            chat = load_chat_as_member(ctx, conn, chat_id, user["id"])
+            storage.set_muted_until(conn, chat.id, user["id"], until)
+        return {"chat_id": chat.id, "muted_until": storage.iso(until)}

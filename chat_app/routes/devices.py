@@ -1,0 +1,72 @@
+"""Push devices of the caller: register, list, delete."""
+from __future__ import annotations
+
+from bottle import request, response
+import sqlalchemy as sa
+
+from chat_app import validation
+from chat_app.errors import ApiError, forbidden, invalid_field, not_found
+from notifier import storage
+
+PLATFORMS = ("apns", "fcm")
+
+
+def register(app, ctx) -> None:
+    """Add the device routes to `app`."""
+
+    @app.post("/v1/devices")
+    def add_device():
+        with ctx.read() as conn:
+            user = ctx.user(conn)
+        body = validation.read_json_object(request, ctx.max_body)
+        platform = body.get("platform")
+        if platform not in PLATFORMS:
+            raise invalid_field("platform", "must be 'apns' or 'fcm'")
+        token = validation.device_token(platform, body.get("token"))
+        app_id = validation.text(body, "app", 255, required=False)
+        if app_id is None and platform == "apns":
+            app_id = ctx.settings.apns_topic
+        try:
+            status, device = _bind(ctx, user["id"], platform, token, app_id)
+        except sa.exc.IntegrityError:
+            # another request registered the same token between our read and our insert
+            status, device = _bind(ctx, user["id"], platform, token, app_id)
+        response.status = status
+        return device
+
+    @app.get("/v1/devices")
+    def my_devices():
+        with ctx.read() as conn:
+            user = ctx.user(conn)
+            return {"devices": storage.list_devices(conn, user["id"])}
+
+    @app.delete("/v1/devices/<device_id:id>")
+    def delete_device(device_id):
+        with ctx.write() as conn:
+            user = ctx.user(conn)
+            device_id = validation.path_id(device_id)
+            owner = storage.device_owner(conn, device_id) if device_id else None
+            if owner is None:
+                raise not_found("device")
+            if owner != user["id"]:
+                raise forbidden("this device belongs to another user")
+            storage.disable_devices(conn, [device_id], "deleted")
+        response.status = 204
+        return ""
+
+
+def _bind(ctx, user_id: int, platform: str, token: str, app_id: str | None) -> tuple[int, dict]:
+    """Register `token` for the user: (201, device) when new to them, (200, device) when they had it."""
+    with ctx.write() as conn:
+        existing = storage.device_by_token(conn, token)
+        if existing is None:
+            return 201, storage.insert_device(conn, user_id, platform, token, app_id, ctx.clock())
+        if existing.user_id == user_id and existing.enabled:
+            if existing.platform != platform:
+                raise ApiError(409, "conflict", f"this token is already registered as a {existing.platform} device")
+            if app_id != existing.app:
+                return 200, storage.rebind_device(conn, existing.id, user_id, platform, app_id)
+            return 200, {"id": existing.id, "platform": existing.platform, "token": existing.token,
+                         "app": existing.app}
+        # the phone changed hands, or was deleted or unregistered and comes back
+        return 201, storage.rebind_device(conn, existing.id, user_id, platform, app_id)

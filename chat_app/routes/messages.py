@@ -1,0 +1,98 @@
+"""Posting messages (the push trigger), history, and delivery reports."""
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+from bottle import request, response
+
+from chat_app import validation
+from chat_app.errors import forbidden, not_found
+from chat_app.routes.chats import load_chat_as_member
+from notifier import storage
+from notifier.model import FINAL_STATES, DeliveryState
+
+logger = logging.getLogger(__name__)
+
+
+def register(app, ctx) -> None:
+    """Add the message routes to `app`."""
+
+    @app.post("/v1/chats/<chat_id:id>/messages")
+    def post_message(chat_id):
+        with ctx.read() as conn:
+            user = ctx.user(conn)
+            load_chat_as_member(ctx, conn, chat_id, user["id"])
+        body = validation.read_json_object(request, ctx.max_body)
+        text = validation.text(body, "text", 4000)
+        client_id = validation.text(body, "client_id", 64, required=False)
+        try:
+            status, message = _store(ctx, chat_id, user["id"], text, client_id)
+        except sa.exc.IntegrityError:
+            # a concurrent retry with the same client_id won the race: answer with its message
+            status, message = _store(ctx, chat_id, user["id"], text, client_id)
+        if status == 201:
+            _wake(ctx)
+        response.status = status
+        response.set_header("Location", f"/v1/messages/{message['id']}")
+        return message
+
+    @app.get("/v1/chats/<chat_id:id>/messages")
+    def history(chat_id):
+        with ctx.read() as conn:
+            user = ctx.user(conn)
+            chat = load_chat_as_member(ctx, conn, chat_id, user["id"])
+            before = validation.query_id(request.query, "before")
+            after = validation.query_id(request.query, "after")
+            limit = validation.query_limit(request.query, 50, 200)
+            return {"messages": storage.list_messages(conn, chat.id, before, after, limit)}
+
+    @app.get("/v1/messages/<message_id:id>")
+    def show_message(message_id):
+        with ctx.read() as conn:
+            user = ctx.user(conn)
+            return _message_for_member(conn, message_id, user["id"])
+
+    @app.get("/v1/messages/<message_id:id>/deliveries")
+    def deliveries(message_id):
+        with ctx.read() as conn:
+            user = ctx.user(conn)
+            message = _message_for_member(conn, message_id, user["id"])
+            if message["sender_id"] != user["id"]:
+                raise forbidden("only the sender may see a message's deliveries")
+            rows = storage.message_deliveries(conn, message["id"])
+            expanded = storage.job_expanded(conn, message["id"])
+        summary = {state.value: 0 for state in DeliveryState}
+        for row in rows:
+            summary[row["state"]] += 1
+        complete = expanded and summary[DeliveryState.PENDING.value] == 0
+        return {"message_id": message["id"], "complete": complete, "summary": summary, "deliveries": rows}
+
+
+def _store(ctx, chat_id, sender_id: int, text: str, client_id: str | None) -> tuple[int, dict]:
+    """Insert the message and its push job in one transaction; a known client_id returns the first one."""
+    with ctx.write() as conn:
+        chat = load_chat_as_member(ctx, conn, chat_id, sender_id)  # membership may have changed meanwhile
+        if client_id is not None:
+            existing = storage.message_by_client_id(conn, chat.id, sender_id, client_id)
+            if existing is not None:
+                return 200, existing
+        return 201, storage.insert_message_with_job(conn, chat.id, sender_id, text, client_id, ctx.clock())
+
+
+def _wake(ctx) -> None:
+    """Nudge the dispatcher. The message is already durable: a failed wake-up only delays its pushes."""
+    try:
+        ctx.wake()
+    except Exception:  # noqa: BLE001 - the outbox keeps the job; the next wake-up or start takes it
+        logger.exception("chat_app: could not wake the dispatcher; the push job stays queued")
+
+
+def _message_for_member(conn, message_id: str, user_id: int) -> dict:
+    number = validation.path_id(message_id)
+    message = storage.get_message(conn, number) if number else None
+    if message is None:
+        raise not_found("message")
+    if not storage.is_member(conn, message["chat_id"], user_id):
+        raise forbidden("you are not a member of this message's chat")
+    return message
