@@ -1,0 +1,407 @@
+"""The dispatcher loop: claim from the outbox, send through the providers, record every outcome.
+
+The one place that wires the outbox (storage), the providers and the retry policy together.
+It runs inside PushProcess (on demand) or `python -m notifier` (supervised); both call serve().
+Database calls are blocking SQLAlchemy calls made on a worker thread, so the event loop keeps
+every provider stream moving while a batch is being claimed or recorded.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from notifier import storage
+from notifier.config import Settings, resolve_database_url
+from notifier.metrics import HEARTBEAT_INTERVAL, DispatcherMetrics
+from notifier.model import DeliveryState, Outcome, Platform, Result
+from notifier.retry import RetryPolicy
+from notifier.waker import nudge, socket_name
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL = 1.0      # safety net: look at the outbox at least this often, nudged or not
+AUTH_PAUSE = 30.0        # how long a provider that rejected our credentials is left alone
+LANES = 2                # batches in flight at once: one lane's DB work overlaps the other's sends
+SEND_TIMEOUT = 30.0      # a provider call that takes longer counts as a transient failure
+FIRST_BATCH = 50         # each lane's first claim of a pass (then PUSH_BATCH): a quick first push
+DB_RETRY_INTERVAL = 0.5  # how often to try again while the database is unreachable
+
+
+def short(token: str) -> str:
+    """A push token fit for a log line."""
+    return token[:8] + "…"
+
+
+@dataclass
+class Tally:
+    """What one drain did, for logs and tests."""
+
+    claimed: int = 0
+    by_outcome: dict = field(default_factory=dict)
+
+    def add(self, outcome: Outcome) -> None:
+        self.by_outcome[outcome.value] = self.by_outcome.get(outcome.value, 0) + 1
+
+
+class Dispatcher:
+    """Claims due work and sends it. `now` comes from `clock`, so tests can drive time."""
+
+    def __init__(self, settings: Settings, engine, providers: dict, metrics: DispatcherMetrics | None = None,
+                 clock=time.time, owner: str | None = None):
+        self.settings = settings
+        self.engine = engine
+        self.writer = storage.writer(engine)
+        self.providers = providers
+        self.metrics = metrics
+        self.clock = clock
+        self.owner = owner or f"{settings.push_host_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.policy = RetryPolicy.from_settings(settings)
+        self.paused_until: dict[Platform, float] = {}
+        self.stopping = False
+        self._limit = asyncio.Semaphore(settings.push_concurrency)
+        self._db_inline = engine.dialect.name == "sqlite"
+
+    async def _db(self, call, *args):
+        """Run a blocking database call of the send path.
+
+        PostgreSQL: on a worker thread, so the event loop keeps the provider streams moving while
+        the call waits on the network. SQLite: right here, on the loop's thread. SQLite's work is
+        CPU under the GIL, and each row it steps releases and re-takes the GIL: on a worker thread,
+        against a busy event loop, a 1,000-row claim held SQLite's only write lock for 250 ms on
+        average (850 ms at worst), and every POST waited behind it. Inline it holds it for a few ms.
+        """
+        if self._db_inline:
+            return call(*args)
+        return await asyncio.to_thread(call, *args)
+
+    # ------------------------------------------------------------ one pass
+
+    async def drain(self) -> Tally:
+        """Expand pending jobs, then send due deliveries until none is left. Returns what was done."""
+        tally = Tally()
+        size = min(FIRST_BATCH, self.settings.push_batch)  # small first: the first pushes leave at once
+        first = await self._db(self._claim, size)
+        if not first:
+            return tally
+        lanes = [self._lane(tally, first, size)]
+        if len(first) == size:  # more is due: more lanes, so one's database work overlaps another's sends
+            lanes += [self._lane(tally, None, size) for _ in range(LANES - 1)]
+        # let every lane end (a batch in flight is recorded) before reporting a failure of any
+        outcomes = await asyncio.gather(*lanes, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return tally
+
+    async def _lane(self, tally: Tally, claimed: list | None, size: int) -> None:
+        """Send batch after batch. A batch smaller than asked for means nothing else was due when it
+        was claimed: the lane ends after it (work that arrives later nudges the dispatcher), instead of
+        spending one more write transaction on an empty claim."""
+        while True:
+            if claimed is None:
+                if self.stopping:
+                    return
+                claimed = await self._db(self._claim, size)
+                if not claimed:
+                    return
+            tally.claimed += len(claimed)
+            full = len(claimed) == size
+            updates, dead = await self._send_batch(claimed, tally)
+            await self._record_until_done(updates, dead)
+            if not full:
+                return
+            claimed, size = None, self.settings.push_batch
+
+    def _claim(self, size: int) -> list[storage.Claimed]:
+        """One write transaction (expand about a batch of new deliveries, then lease a batch), then a
+        read to load it. Expanding no more than is claimed keeps the outbox lazy: a message's
+        recipients become rows about as fast as they are sent, by whichever dispatcher is free."""
+        now = self.clock()
+        with self.writer.begin() as conn:
+            storage.expand_pending_jobs(conn, now, size)
+            ids = storage.claim_delivery_ids(conn, self.owner, now, self.settings.push_lease, size)
+        if not ids:
+            return []
+        with self.engine.connect() as conn:
+            return storage.load_claimed(conn, ids)
+
+    async def _record_until_done(self, updates: list[storage.Update], dead_devices: list[int]) -> None:
+        """Record a sent batch, waiting out a database outage: giving up would re-send the whole
+        batch once the leases expire. Past the lease, another dispatcher may have taken the rows
+        (at least once), so stop trying then."""
+        deadline = time.monotonic() + self.settings.push_lease
+        while True:
+            try:
+                await self._db(self._record, updates, dead_devices)
+                return
+            except sa.exc.DBAPIError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("notifier: database unavailable while recording a batch (%s); retrying",
+                               type(exc.orig).__name__)
+                await asyncio.sleep(DB_RETRY_INTERVAL)
+
+    def _record(self, updates: list[storage.Update], dead_devices: list[int]) -> None:
+        with self.writer.begin() as conn:
+            written = storage.record_updates(conn, self.owner, updates, self.settings.push_host_id)
+            storage.disable_devices(conn, dead_devices, "unregistered")
+        if written < len(updates):
+            logger.warning("notifier: %d result(s) not recorded: their lease passed to another dispatcher",
+                           len(updates) - written)
+
+    async def _send_batch(self, claimed: list[storage.Claimed], tally: Tally):
+        now = self.clock()
+        sends = []
+        updates: list[storage.Update] = []
+        for item in claimed:
+            push = item.push
+            if not item.device_enabled:
+                updates.append(storage.Update(push.delivery_id, DeliveryState.SKIPPED, push.attempts, now,
+                                              None, "device_disabled"))
+            elif self.paused_until.get(push.platform, 0) > now:
+                updates.append(self._postpone(push, self.paused_until[push.platform]))
+            else:
+                sends.append(self._send_one(push))
+        results = await asyncio.gather(*sends)
+        dead: list[int] = []
+        now = self.clock()
+        for push, result in results:
+            tally.add(result.outcome)
+            update = self._decide(push, result, now)
+            updates.append(update)
+            if result.outcome is Outcome.DEAD_TOKEN:
+                dead.append(push.device_id)
+        return updates, dead
+
+    async def _send_one(self, push):
+        provider = self.providers[push.platform]
+        async with self._limit:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(SEND_TIMEOUT):  # a timer, where wait_for made one more task per push
+                    result = await provider.send(push)
+            except asyncio.TimeoutError:
+                result = Result(Outcome.TRANSIENT, None, "timeout")
+            except Exception as exc:  # noqa: BLE001 - a provider bug must not lose the batch
+                logger.exception("notifier: %s provider raised for device %s", push.platform.value, push.device_id)
+                result = Result(Outcome.TRANSIENT, None, type(exc).__name__)
+            elapsed = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.observe(push.platform.value, result.outcome.value,
+                                 elapsed if result.status is not None else None)
+        return push, result
+
+    def _decide(self, push, result: Result, now: float) -> storage.Update:
+        """Turn a classified provider answer into the delivery's next state."""
+        outcome = result.outcome
+        attempts = push.attempts + 1
+        if outcome is Outcome.SENT:
+            return storage.Update(push.delivery_id, DeliveryState.SENT, attempts, now, result.status,
+                                  result.reason, sent_at=now)
+        if outcome is Outcome.SKIPPED:
+            return storage.Update(push.delivery_id, DeliveryState.SKIPPED, push.attempts, now, result.status,
+                                  result.reason)
+        if outcome in (Outcome.DEAD_TOKEN, Outcome.REJECTED):
+            return storage.Update(push.delivery_id, DeliveryState.FAILED, attempts, now, result.status,
+                                  result.reason)
+        if outcome is Outcome.AUTH:
+            until = now + AUTH_PAUSE
+            if self.paused_until.get(push.platform, 0) < until:
+                logger.error("notifier: %s rejected OUR credentials (%s %s): pausing it for %.0f s; "
+                             "deliveries stay pending. Check the %s_* settings.", push.platform.value,
+                             result.status, result.reason, AUTH_PAUSE, push.platform.value.upper())
+                self.paused_until[push.platform] = until
+            return self._postpone(push, until, result)
+        # transient
+        if self.policy.exhausted(attempts):
+            return storage.Update(push.delivery_id, DeliveryState.FAILED, attempts, now, result.status,
+                                  f"{result.reason or 'no answer'} (out of attempts)")
+        delay = self.policy.delay_for(attempts, result.retry_after)
+        return storage.Update(push.delivery_id, DeliveryState.PENDING, attempts, now + delay, result.status,
+                              result.reason)
+
+    @staticmethod
+    def _postpone(push, until: float, result: Result | None = None) -> storage.Update:
+        """Keep the delivery pending, attempts unchanged (it was not the device's fault)."""
+        return storage.Update(push.delivery_id, DeliveryState.PENDING, push.attempts, until,
+                              result.status if result else None, result.reason if result else "provider_paused")
+
+    def next_wakeup(self) -> float | None:
+        """Epoch time at which there is next something to do, None when the outbox is empty."""
+        with self.engine.connect() as conn:
+            return storage.next_wakeup(conn, self.clock())
+
+    def release(self) -> None:
+        """Give back every lease we hold (on a clean stop), so others can take the rows at once."""
+        with self.writer.begin() as conn:
+            storage.release_leases(conn, self.owner)
+
+
+# ------------------------------------------------------------------------- the serving loop
+
+class Listener:
+    """The abstract wake-up socket: holding it means 'this host's dispatcher'."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.sock: socket.socket | None = None
+
+    def bind(self) -> bool:
+        """Take the name; False when another dispatcher holds it."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(socket_name(self.settings))
+        except OSError:
+            sock.close()
+            return False
+        sock.setblocking(False)
+        self.sock = sock
+        return True
+
+    def drain_nudges(self) -> None:
+        """Discard queued nudges: one look at the outbox answers them all."""
+        while self.sock is not None:
+            try:
+                self.sock.recv(64)
+            except (BlockingIOError, OSError):
+                return
+
+    def close(self) -> None:
+        """Free the name, so the next wake-up starts a new dispatcher."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+async def serve(settings: Settings, idle_exit: float | None, stop: asyncio.Event | None = None) -> int:
+    """Run the dispatcher until stopped, or idle for `idle_exit` seconds (None: never). Returns an exit code."""
+    from notifier.providers import build_providers
+
+    listener = Listener(settings)
+    if not listener.bind():
+        # another dispatcher serves this host; make sure it looks at what our starter committed
+        nudge(settings)
+        logger.info("notifier: a dispatcher is already running on this host; exiting")
+        return 0
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    woken = asyncio.Event()
+
+    def on_nudge():
+        listener.drain_nudges()
+        woken.set()
+
+    engine = storage.make_engine(resolve_database_url(settings.database_url))
+    providers = build_providers(settings)
+    dispatcher = Dispatcher(settings, engine, providers, DispatcherMetrics(settings))
+    with dispatcher.writer.begin() as conn:
+        registry_id = storage.register_dispatcher(conn, settings.push_host_id, os.getpid(), time.time())
+    logger.info("notifier: dispatcher %s started (pid %d)", dispatcher.owner, os.getpid())
+    heartbeat = asyncio.create_task(_heartbeat(dispatcher, registry_id))
+    loop.add_reader(listener.sock.fileno(), on_nudge)
+    notifications = (asyncio.create_task(_listen_for_jobs(settings.database_url, woken))
+                     if engine.dialect.name == "postgresql" else None)
+    stop_waiter = asyncio.create_task(stop.wait())
+    # a stop lets the lanes finish the batch in hand, then they claim nothing more
+    stop_waiter.add_done_callback(lambda _: setattr(dispatcher, "stopping", True))
+    last_work = time.monotonic()
+    try:
+        while not stop.is_set():
+            woken.clear()
+            try:
+                tally = await dispatcher.drain()
+                due = None if tally.claimed else await asyncio.to_thread(dispatcher.next_wakeup)
+            except sa.exc.DBAPIError as exc:
+                # the database restarts or is unreachable: the outbox is safe in it; wait and resume
+                logger.warning("notifier: database unavailable (%s); retrying in %.1f s",
+                               type(exc.orig).__name__, POLL_INTERVAL)
+                last_work = time.monotonic()  # an outage is not idleness
+                await asyncio.wait({stop_waiter}, timeout=POLL_INTERVAL)
+                continue
+            if tally.claimed:
+                last_work = time.monotonic()
+                logger.info("notifier: sent batch: %d deliveries %s", tally.claimed, tally.by_outcome)
+                continue
+            idle_for = time.monotonic() - last_work
+            if due is None and idle_exit is not None and idle_for >= idle_exit:
+                loop.remove_reader(listener.sock.fileno())
+                listener.close()
+                # a message committed before we closed is visible now; one committed after will
+                # find no listener and start a new dispatcher
+                if await asyncio.to_thread(dispatcher.next_wakeup) is None or not listener.bind():
+                    break
+                loop.add_reader(listener.sock.fileno(), on_nudge)
+                continue
+            timeout = POLL_INTERVAL
+            if due is not None:
+                timeout = max(0.0, min(timeout, due - time.time()))
+            if idle_exit is not None:
+                timeout = min(timeout, max(0.0, idle_exit - idle_for))
+            woken_waiter = asyncio.create_task(woken.wait())
+            await asyncio.wait({woken_waiter, stop_waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            woken_waiter.cancel()
+    finally:
+        dispatcher.stopping = True
+        if listener.sock is not None:
+            loop.remove_reader(listener.sock.fileno())
+            listener.close()
+        stop_waiter.cancel()
+        heartbeat.cancel()
+        if notifications is not None:
+            notifications.cancel()
+        await asyncio.gather(*(p.close() for p in providers.values()), return_exceptions=True)
+        try:
+            await asyncio.to_thread(dispatcher.release)
+            with dispatcher.writer.begin() as conn:
+                storage.heartbeat(conn, registry_id, time.time(), stopped=True)
+        except Exception:  # noqa: BLE001 - the database may be gone; leases then expire by themselves
+            logger.exception("notifier: could not release leases on exit; they expire in %.0f s",
+                             settings.push_lease)
+        engine.dispose()
+        logger.info("notifier: dispatcher %s stopped", dispatcher.owner)
+    return 0
+
+
+async def _listen_for_jobs(database_url: str, woken: asyncio.Event) -> None:
+    """PostgreSQL LISTEN: wake up for messages committed on any host. Reconnects forever; the
+    periodic look at the outbox covers the gaps."""
+    import psycopg
+
+    dsn = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+                await conn.execute(f"LISTEN {storage.NOTIFY_CHANNEL}")
+                woken.set()  # anything committed while we were not listening
+                async for _ in conn.notifies():
+                    woken.set()
+        except psycopg.Error as exc:
+            logger.warning("notifier: LISTEN connection lost (%s); reconnecting", type(exc).__name__)
+            await asyncio.sleep(POLL_INTERVAL)
+
+
+async def _heartbeat(dispatcher: Dispatcher, registry_id: int) -> None:
+    """Mark us alive, and renew our leases well before they expire: a batch may take longer
+    to send than a lease lasts, and must not be claimed again by another lane or host meanwhile."""
+    lease = dispatcher.settings.push_lease
+    interval = min(HEARTBEAT_INTERVAL, lease / 3)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(_beat, dispatcher, registry_id, lease)
+        except Exception:  # noqa: BLE001 - leases then expire and the work is taken over, at least once
+            logger.warning("notifier: heartbeat failed", exc_info=True)
+
+
+def _beat(dispatcher: Dispatcher, registry_id: int, lease: float) -> None:
+    now = dispatcher.clock()
+    with dispatcher.writer.begin() as conn:
+        storage.heartbeat(conn, registry_id, now)
+        storage.renew_leases(conn, dispatcher.owner, now + lease)
