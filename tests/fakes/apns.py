@@ -1,0 +1,918 @@
+"""A loopback fake of Apple's APNs provider API: HTTP/2 over TLS, served with `h2` on asyncio.
+
+What it does like Apple (developer.apple.com, "Sending notification requests to APNs",
+"Handling notification responses from APNs", "Establishing a connection to APNs"):
+
+- `POST /3/device/<token>`, JSON payload; 200 with an `apns-id` header (the request's, or a
+  new UUID), errors as `{"reason": ...}` (+ `"timestamp"` in ms for 410) with `apns-id`.
+- Token auth: `authorization: bearer <JWT>`, ES256, header kid == key id, claim iss == team
+  id, iat less than an hour old, signature checked with the public key. Certificate auth:
+  the TLS client certificate must chain to the test CA.
+- Stream limit: with token auth every connection's first SETTINGS says
+  MAX_CONCURRENT_STREAMS=1; once a request with a valid provider token arrives the fake
+  sends SETTINGS raising it to `max_streams`. With certificate auth it starts there.
+  Streams opened past the limit in force (acknowledged by the client) get RST_STREAM
+  REFUSED_STREAM (a stream error, as RFC 9113 5.1.2 allows) and are counted in
+  `refused_streams`; streams the client opened before it could have seen a lower limit are
+  served.
+
+Fake-specific behaviour, not Apple's (documented so nobody mistakes it for Apple's):
+- A payload that is not a JSON object gets 400 "BadPayload" (Apple documents no reason).
+- `apns-topic` other than the configured topic: 400 DeviceTokenNotForTopic when listed in
+  `other_topics` (topics the team owns but the token isn't for), else 400 TopicDisallowed.
+- Missing `apns-push-type` is 400 InvalidPushType unless `require_push_type=False` (Apple
+  only requires it for watchOS; it is recommended everywhere else).
+
+Scripting/recording: see `tests.fakes.ScriptedRecorder` (script, set_default, delay,
+received, wait_for, sent_tokens) plus `goaway_after`, `connections_opened`,
+`max_concurrent_seen`, `refused_streams`, `flow_control_stalls`, `stats()`.
+
+Cost: about 160-200 us of CPU per request on this project's 2-core machine, nearly
+all of it in h2/hpack; responses are written once per read (or once per loop iteration for
+delayed answers). `start()` memoizes hpack's Huffman decoder process-wide (same results,
+see `_install_huffman_memo`); `validate_headers=False` saves another ~15%.
+A fake is started once: start(), stop(), done.
+
+Also runnable as a process for benchmarks: `python -m tests.fakes.apns --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RequestReceived,
+    SettingsAcknowledged,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError, StreamClosedError
+from h2.settings import SettingCodes, Settings
+
+from tests.fakes import Scripted, ScriptedRecorder
+from tests.fakes.tls import TLSMaterial
+
+__all__ = ["APNsFake", "APNsRequest", "PUSH_TYPES", "DEFAULT_REASONS", "point_aioapns_at"]
+
+PUSH_TYPES = frozenset(
+    {
+        "alert",
+        "background",
+        "location",
+        "voip",
+        "complication",
+        "fileprovider",
+        "mdm",
+        "liveactivity",
+        "pushtotalk",
+        "widgets",
+        "controls",
+    }
+)
+
+#: Reason used when a script or default gives a status without one.
+DEFAULT_REASONS = {
+    400: "BadDeviceToken",
+    403: "Forbidden",
+    404: "BadPath",
+    405: "MethodNotAllowed",
+    410: "Unregistered",
+    413: "PayloadTooLarge",
+    429: "TooManyRequests",
+    500: "InternalServerError",
+    503: "ServiceUnavailable",
+}
+
+MAX_PAYLOAD = 4096
+MAX_VOIP_PAYLOAD = 5120
+PROVIDER_TOKEN_TTL = 3600  # Apple rejects provider tokens older than one hour
+_UNLIMITED = 2**31 - 1
+_BODY_CAP = 64 * 1024  # stop buffering a request body past this (it is rejected anyway)
+_TOKEN_RE = re.compile(rb"[0-9a-fA-F]{64}")
+_UUID_RE = re.compile(rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_PATH_PREFIX = b"/3/device/"
+
+
+@dataclass
+class APNsRequest:
+    """One answered request. `headers` has str names (lower case) and values, pseudo-headers
+    included; `payload` is the decoded JSON object (None when it was not one)."""
+
+    token: str
+    headers: Dict[str, str]
+    payload: Optional[Dict[str, Any]]
+    status: int
+    connection_id: int
+    at: float  # time.time() when answered
+    reason: Optional[str] = None
+    apns_id: Optional[str] = None
+
+
+def _install_huffman_memo() -> None:
+    """Memoize hpack's Huffman decoder (a pure function of its bytes argument).
+
+    HTTP/2 clients (h2, so aioapns too) send `authorization` as a never-indexed literal, so
+    the same ~200-byte JWT is Huffman-decoded, in pure Python, on every request: about a
+    third of the fake's CPU per request. The memo returns the same bytes for the same input,
+    so hpack's behaviour is unchanged for everyone in the process. Installed by start();
+    does nothing if hpack's layout is not the one expected.
+    """
+    try:
+        import hpack.hpack as hpack_module
+    except ImportError:  # pragma: no cover
+        return
+    current = getattr(hpack_module, "decode_huffman", None)
+    if current is None or getattr(current, "_apns_fake_memo", False):
+        return
+
+    cache: Dict[bytes, bytes] = {}
+
+    def decode_huffman(data: Any) -> bytes:
+        key = bytes(data) if data is not None else b""
+        hit = cache.get(key)
+        if hit is None:
+            hit = current(data)
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[key] = hit
+        return hit
+
+    decode_huffman._apns_fake_memo = True  # type: ignore[attr-defined]
+    hpack_module.decode_huffman = decode_huffman
+
+
+class _AdvertisedSettings(Settings):
+    """Local settings whose MAX_CONCURRENT_STREAMS h2 sends but does not enforce.
+
+    h2 enforces its own advertised limit as a *connection* error, and from the moment it is
+    set rather than from when the client acknowledged it; so a client that opens streams
+    before it has read the server's first SETTINGS (aioapns does) would lose the whole
+    connection. The fake enforces the limit itself (see _Connection._on_request).
+    """
+
+    @property
+    def max_concurrent_streams(self) -> int:  # type: ignore[override]
+        return _UNLIMITED
+
+
+class _Stream:
+    __slots__ = ("headers", "duplicate", "body", "oversize", "done", "timer")
+
+    def __init__(self, headers: Sequence[Tuple[bytes, bytes]]) -> None:
+        hdrs: Dict[bytes, bytes] = {}
+        duplicate = False
+        for name, value in headers:
+            if name in hdrs:
+                duplicate = True
+            hdrs[name] = value
+        self.headers = hdrs
+        self.duplicate = duplicate
+        self.body = bytearray()
+        self.oversize = False
+        self.done = False
+        self.timer: Optional[asyncio.TimerHandle] = None
+
+
+@dataclass
+class _Verdict:
+    status: int
+    reason: Optional[str]
+    token: str
+    apns_id: str
+    retry_after: Optional[int] = None
+    payload: Optional[Dict[str, Any]] = None
+    authenticated: bool = False
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: h2 state, stream bookkeeping, the limit in force."""
+
+    def __init__(self, fake: "APNsFake") -> None:
+        self.fake = fake
+        self.id = 0
+        self.transport: Optional[asyncio.Transport] = None
+        self.h2: Optional[H2Connection] = None
+        self.streams: Dict[int, _Stream] = {}
+        self.in_flight = 0
+        self.advertised = 1
+        self.limit = _UNLIMITED  # in force: RFC default until the client acks our SETTINGS
+        self.pending_limits: Deque[int] = deque()
+        self.processed = 0
+        self.last_processed = 0
+        self.draining = False  # goaway_after reached: answer what we took, then GOAWAY
+        self.closed = False
+        self.flush_scheduled = False
+        self.token_cache: Dict[bytes, int] = {}
+        self.pending_bodies: Dict[int, bytes] = {}
+        self.alpn: Optional[str] = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        fake = self.fake
+        self.id = fake._register(self)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.alpn = ssl_object.selected_alpn_protocol()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        initial = fake.max_streams if fake.client_cert_auth else 1
+        self.h2 = H2Connection(
+            H2Configuration(
+                client_side=False,
+                header_encoding=None,
+                validate_inbound_headers=fake.validate_headers,
+            )
+        )
+        self.h2.local_settings = _AdvertisedSettings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: initial,
+                SettingCodes.MAX_HEADER_LIST_SIZE: H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE,
+            },
+        )
+        self.h2.initiate_connection()
+        self.advertised = initial
+        self.pending_limits.append(initial)
+        self._flush_now()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        h2c = self.h2
+        assert h2c is not None
+        try:
+            events = h2c.receive_data(data)
+        except ProtocolError:
+            self._flush_now()
+            self._close()
+            return
+        for event in events:
+            kind = type(event)
+            if kind is RequestReceived:
+                self._on_request(event.stream_id, event.headers)
+            elif kind is DataReceived:
+                self._on_data(event.stream_id, event.data, event.flow_controlled_length)
+            elif kind is StreamEnded:
+                self._on_stream_ended(event.stream_id)
+            elif kind is SettingsAcknowledged:
+                if self.pending_limits:
+                    self.limit = self.pending_limits.popleft()
+            elif kind is WindowUpdated:
+                if self.pending_bodies:
+                    self._send_pending_bodies()
+            elif kind is StreamReset:
+                self._on_reset(event.stream_id)
+            elif kind is ConnectionTerminated:
+                self._flush_now()
+                self._close()
+                return
+        self._flush_now()
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = True
+        for stream in self.streams.values():
+            if stream.timer is not None:
+                stream.timer.cancel()
+        self.streams.clear()
+        self.fake._unregister(self)
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def _on_request(self, stream_id: int, headers: Sequence[Tuple[bytes, bytes]]) -> None:
+        h2c = self.h2
+        assert h2c is not None
+        if self.draining:
+            return  # past goaway_after's count: not processed, left out of GOAWAY's last id
+        if self.in_flight >= self.limit:
+            h2c.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self.fake.refused_streams += 1
+            return
+        self.streams[stream_id] = _Stream(headers)
+        self.in_flight += 1
+        if self.in_flight > self.fake.max_concurrent_seen:
+            self.fake.max_concurrent_seen = self.in_flight
+
+    def _on_data(self, stream_id: int, data: bytes, flow_controlled_length: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None and not stream.oversize:
+            if len(stream.body) + len(data) > _BODY_CAP:
+                stream.oversize = True
+            else:
+                stream.body += data
+        if flow_controlled_length:
+            assert self.h2 is not None
+            self.h2.acknowledge_received_data(flow_controlled_length, stream_id)
+
+    def _on_reset(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        self.pending_bodies.pop(stream_id, None)
+        if stream is not None and not stream.done:
+            stream.done = True
+            if stream.timer is not None:
+                stream.timer.cancel()
+            self.in_flight -= 1
+            self._maybe_goaway()
+
+    def _on_stream_ended(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.done:
+            return
+        fake = self.fake
+        self.processed += 1
+        if stream_id > self.last_processed:
+            self.last_processed = stream_id
+        verdict = fake._evaluate(self, stream)
+        self._adjust_limit(verdict)
+        limit = fake._goaway_after
+        if limit is not None and self.processed >= limit:
+            self.draining = True
+        delay = fake.delay
+        if delay > 0:
+            loop = asyncio.get_running_loop()
+            stream.timer = loop.call_later(delay, self._answer_later, stream_id, verdict)
+        else:
+            self._answer(stream_id, verdict)
+
+    def _adjust_limit(self, verdict: _Verdict) -> None:
+        fake = self.fake
+        if fake.client_cert_auth:
+            return
+        target = self.advertised
+        if verdict.authenticated:
+            target = fake.max_streams
+        if fake.lower_on_reject and verdict.status != 200:
+            target = 1
+        if target != self.advertised:
+            assert self.h2 is not None
+            self.h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: target})
+            self.pending_limits.append(target)
+            if target > self.limit:
+                self.limit = target  # a raise may be used as soon as the client reads it
+            self.advertised = target
+            fake.settings_changes += 1
+
+    def _answer_later(self, stream_id: int, verdict: _Verdict) -> None:
+        if self.closed:
+            return
+        self._answer(stream_id, verdict)
+        self._schedule_flush()
+
+    def _answer(self, stream_id: int, verdict: _Verdict) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is None or stream.done:
+            return
+        stream.done = True
+        self.in_flight -= 1
+        h2c = self.h2
+        assert h2c is not None
+        status = verdict.status
+        headers = [(b":status", str(status).encode()), (b"apns-id", verdict.apns_id.encode())]
+        body = b""
+        if status != 200:
+            reason = verdict.reason or DEFAULT_REASONS.get(status, "InternalServerError")
+            verdict.reason = reason
+            doc: Dict[str, Any] = {"reason": reason}
+            if status == 410:
+                doc["timestamp"] = int(time.time() * 1000)
+            body = json.dumps(doc, separators=(",", ":")).encode()
+            headers.append((b"content-type", b"application/json; charset=utf-8"))
+            headers.append((b"content-length", str(len(body)).encode()))
+            if verdict.retry_after is not None:
+                headers.append((b"retry-after", str(verdict.retry_after).encode()))
+        try:
+            h2c.send_headers(stream_id, headers, end_stream=not body)
+            if body:
+                self._send_body(stream_id, body)
+        except StreamClosedError:
+            pass
+        self.fake._record_answer(self, stream, verdict)
+        self._maybe_goaway()
+
+    def _send_body(self, stream_id: int, body: bytes) -> None:
+        """Send a response body, or park it until the client opens its flow-control window."""
+        h2c = self.h2
+        assert h2c is not None
+        if h2c.local_flow_control_window(stream_id) >= len(body):
+            h2c.send_data(stream_id, body, end_stream=True)
+        else:
+            self.pending_bodies[stream_id] = body
+            self.fake.flow_control_stalls += 1
+
+    def _send_pending_bodies(self) -> None:
+        h2c = self.h2
+        assert h2c is not None
+        for stream_id, body in list(self.pending_bodies.items()):
+            try:
+                window = h2c.local_flow_control_window(stream_id)
+            except StreamClosedError:
+                del self.pending_bodies[stream_id]
+                continue
+            if window >= len(body):
+                del self.pending_bodies[stream_id]
+                h2c.send_data(stream_id, body, end_stream=True)
+        self._maybe_goaway()
+
+    def _maybe_goaway(self) -> None:
+        if self.draining and self.in_flight == 0 and not self.pending_bodies and not self.closed:
+            assert self.h2 is not None
+            self.h2.close_connection(error_code=ErrorCodes.NO_ERROR, last_stream_id=self.last_processed)
+            self.fake.goaways_sent += 1
+            self._flush_now()
+            self._close()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if not self.flush_scheduled and not self.closed:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self.flush_scheduled = False
+        if self.closed or self.transport is None or self.h2 is None:
+            return
+        data = self.h2.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class APNsFake(ScriptedRecorder[APNsRequest]):
+    """HTTP/2 + TLS fake of api.push.apple.com on 127.0.0.1 (a free port unless `port`)."""
+
+    def __init__(
+        self,
+        tls: TLSMaterial,
+        *,
+        topic: str,
+        key_id: Optional[str] = None,
+        team_id: Optional[str] = None,
+        public_key_pem: Optional[bytes | str] = None,
+        client_cert_auth: bool = False,
+        max_streams: int = 1000,
+        lower_on_reject: bool = False,
+        require_push_type: bool = True,
+        other_topics: Sequence[str] = (),
+        validate_headers: bool = True,
+        record: bool = True,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        super().__init__(record=record)
+        if not topic:
+            raise ValueError("topic is required")
+        if client_cert_auth:
+            if tls.ca_cert is None:
+                raise ValueError("client_cert_auth needs tls.ca_cert to verify client certificates")
+        elif not (key_id and team_id and public_key_pem):
+            raise ValueError("token auth needs key_id, team_id and public_key_pem")
+        if not 1 <= max_streams <= _UNLIMITED:
+            raise ValueError(f"max_streams out of range: {max_streams}")
+        self.tls = tls
+        self.topic = topic
+        self._topic_b = topic.encode()
+        self._other_topics = frozenset(t.encode() for t in other_topics)
+        self.key_id = key_id
+        self.team_id = team_id
+        self._public_key = (
+            serialization.load_pem_public_key(
+                public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
+            )
+            if public_key_pem
+            else None
+        )
+        self.client_cert_auth = client_cert_auth
+        self.max_streams = max_streams
+        self.lower_on_reject = lower_on_reject
+        self.require_push_type = require_push_type
+        #: h2's checks of inbound header blocks (pseudo-headers, lower-case names, illegal
+        #: characters, connection headers): a bad block is a stream/connection error, like a
+        #: real server. About 15% of the fake's CPU per request; benchmarks may turn it off.
+        self.validate_headers = validate_headers
+        self.host = host
+        self._requested_port = port
+        self.port: Optional[int] = None
+
+        #: TCP+TLS connections established since start.
+        self.connections_opened = 0
+        #: Most streams in flight at once on one connection.
+        self.max_concurrent_seen = 0
+        #: Streams refused (RST_STREAM REFUSED_STREAM) for exceeding the limit in force.
+        self.refused_streams = 0
+        #: SETTINGS frames sent after the first one (raises and lowers of the stream limit).
+        self.settings_changes = 0
+        self.goaways_sent = 0
+        #: Error bodies that had to wait for the client to open its flow-control window.
+        self.flow_control_stalls = 0
+        #: Exceptions the event loop reported (e.g. failed TLS handshakes), as strings.
+        self.loop_errors: List[str] = []
+        self._goaway_after: Optional[int] = None
+        self._connections: Set[_Connection] = set()
+        self._requests_per_connection: Counter = Counter()
+        self._next_connection_id = 0
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._started_at = 0.0
+
+    # -- control (test thread) ---------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        if self.port is None:
+            raise RuntimeError("APNsFake not started")
+        return f"{self.host}:{self.port}"
+
+    def goaway_after(self, n: Optional[int]) -> None:
+        """Send GOAWAY (NO_ERROR, last stream id = last processed) after `n` requests on each
+        connection, then close it. None turns it off. Applies to connections as they count."""
+        if n is not None and n < 1:
+            raise ValueError("goaway_after needs n >= 1")
+        self._goaway_after = n
+
+    def start(self) -> "APNsFake":
+        if self._thread is not None:
+            raise RuntimeError("APNsFake already started")
+        ssl_ctx = self.tls.server_context(alpn=("h2",), require_client_cert=self.client_cert_auth)
+        _install_huffman_memo()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self._requested_port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        failure: List[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(sock, ssl_ctx, ready, failure),
+            name=f"APNsFake-{self.port}",
+            daemon=True,
+        )
+        self._started_at = time.monotonic()
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("APNsFake did not start within 10 s")
+        if failure:
+            self._thread.join(5)
+            raise RuntimeError("APNsFake failed to start") from failure[0]
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the listener and every connection, stop the loop, join the thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if thread.is_alive():
+            try:
+                loop.call_soon_threadsafe(loop.stop)
+            except RuntimeError:
+                pass  # loop already closed
+            thread.join(timeout)
+        self._loop = None
+
+    def __enter__(self) -> "APNsFake":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stats(self) -> Dict[str, Any]:
+        return {
+            "answered": self.answered,
+            "statuses": {str(k): v for k, v in sorted(self.statuses().items())},
+            "connections_opened": self.connections_opened,
+            "requests_per_connection": dict(self._requests_per_connection),
+            "max_concurrent_seen": self.max_concurrent_seen,
+            "refused_streams": self.refused_streams,
+            "settings_changes": self.settings_changes,
+            "goaways_sent": self.goaways_sent,
+            "flow_control_stalls": self.flow_control_stalls,
+            "elapsed_s": round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0,
+        }
+
+    def reset(self) -> None:
+        super().reset()
+        self._goaway_after = None
+
+    # -- the loop thread ---------------------------------------------------------------------
+
+    def _run(self, sock: socket.socket, ssl_ctx: Any, ready: threading.Event, failure: List[BaseException]) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        loop.set_exception_handler(self._on_loop_exception)
+        server = None
+        try:
+            server = loop.run_until_complete(
+                loop.create_server(
+                    lambda: _Connection(self),
+                    sock=sock,
+                    ssl=ssl_ctx,
+                    backlog=1024,
+                    ssl_handshake_timeout=10,
+                )
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            failure.append(exc)
+            sock.close()
+            ready.set()
+            loop.close()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+            for conn in list(self._connections):
+                conn.abort()
+            # let connection_lost callbacks and transport closes run
+            for _ in range(3):
+                loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+
+    def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+        exc = context.get("exception")
+        self.loop_errors.append(f"{context.get('message')}: {exc!r}")
+
+    def _register(self, conn: _Connection) -> int:
+        self._next_connection_id += 1
+        self.connections_opened += 1
+        self._connections.add(conn)
+        return self._next_connection_id
+
+    def _unregister(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+
+    # -- judging a request (loop thread) -----------------------------------------------------
+
+    def _check_provider_token(self, conn: _Connection, auth: bytes) -> Optional[str]:
+        now = time.time()
+        iat = conn.token_cache.get(auth)
+        if iat is None:
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not token.strip():
+                return "InvalidProviderToken"
+            token = token.strip()
+            try:
+                header = jwt.get_unverified_header(token)
+                if header.get("alg") != "ES256" or header.get("kid") != self.key_id:
+                    return "InvalidProviderToken"
+                claims = jwt.decode(
+                    token,
+                    self._public_key,
+                    algorithms=["ES256"],
+                    options={
+                        "verify_signature": True,
+                        "verify_exp": False,
+                        "verify_nbf": False,
+                        "verify_iat": False,
+                        "verify_aud": False,
+                        "verify_iss": False,
+                    },
+                )
+            except jwt.InvalidTokenError:
+                return "InvalidProviderToken"
+            iat = claims.get("iat")
+            if claims.get("iss") != self.team_id or not isinstance(iat, int) or isinstance(iat, bool):
+                return "InvalidProviderToken"
+            if iat > now + 60:
+                return "InvalidProviderToken"
+            if len(conn.token_cache) > 16:
+                conn.token_cache.clear()
+            conn.token_cache[auth] = iat
+        if now - iat > PROVIDER_TOKEN_TTL:
+            return "ExpiredProviderToken"
+        return None
+
+    def _evaluate(self, conn: _Connection, stream: _Stream) -> _Verdict:
+        h = stream.headers
+        raw_id = h.get(b"apns-id")
+        apns_id = raw_id.decode("latin-1") if raw_id and _UUID_RE.fullmatch(raw_id) else str(uuid.uuid4())
+        path = h.get(b":path", b"")
+        token_b = path[len(_PATH_PREFIX):].split(b"?", 1)[0] if path.startswith(_PATH_PREFIX) else b""
+        token = token_b.decode("latin-1")
+
+        def reject(status: int, reason: str, authenticated: bool = False) -> _Verdict:
+            return _Verdict(status, reason, token, apns_id, authenticated=authenticated)
+
+        if h.get(b":method") != b"POST":
+            return reject(405, "MethodNotAllowed")
+        if not path.startswith(_PATH_PREFIX):
+            return reject(404, "BadPath")
+        if not self.client_cert_auth:
+            auth = h.get(b"authorization")
+            if not auth:
+                return reject(403, "MissingProviderToken")
+            problem = self._check_provider_token(conn, auth)
+            if problem is not None:
+                return reject(403, problem)
+        authed = True
+        if stream.duplicate:
+            return reject(400, "DuplicateHeaders", authed)
+        topic = h.get(b"apns-topic")
+        if topic is None:
+            if not self.client_cert_auth:  # a single-topic certificate implies its topic
+                return reject(400, "MissingTopic", authed)
+        elif topic != self._topic_b:
+            if topic in self._other_topics:
+                return reject(400, "DeviceTokenNotForTopic", authed)
+            return reject(400, "TopicDisallowed", authed)
+        if not token_b:
+            return reject(400, "MissingDeviceToken", authed)
+        if not _TOKEN_RE.fullmatch(token_b):
+            return reject(400, "BadDeviceToken", authed)
+        push_type = h.get(b"apns-push-type")
+        if push_type is None:
+            if self.require_push_type:
+                return reject(400, "InvalidPushType", authed)
+        elif push_type.decode("latin-1") not in PUSH_TYPES:
+            return reject(400, "InvalidPushType", authed)
+        if raw_id is not None and not _UUID_RE.fullmatch(raw_id):
+            return reject(400, "BadMessageId", authed)
+        priority = h.get(b"apns-priority")
+        if priority is not None and priority not in (b"1", b"5", b"10"):
+            return reject(400, "BadPriority", authed)
+        expiration = h.get(b"apns-expiration")
+        if expiration is not None and not expiration.isdigit():
+            return reject(400, "BadExpirationDate", authed)
+        collapse = h.get(b"apns-collapse-id")
+        if collapse is not None and len(collapse) > 64:
+            return reject(400, "BadCollapseId", authed)
+        body = stream.body
+        if not body and not stream.oversize:
+            return reject(400, "PayloadEmpty", authed)
+        limit = MAX_VOIP_PAYLOAD if push_type == b"voip" else MAX_PAYLOAD
+        if stream.oversize or len(body) > limit:
+            return reject(413, "PayloadTooLarge", authed)
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            return reject(400, "BadPayload", authed)
+        scripted: Optional[Scripted] = self._scripted_answer(token)
+        if scripted is not None and scripted.status != 200:
+            return _Verdict(
+                scripted.status,
+                scripted.reason or DEFAULT_REASONS.get(scripted.status),
+                token,
+                apns_id,
+                retry_after=scripted.retry_after,
+                payload=payload,
+                authenticated=authed,
+            )
+        return _Verdict(200, None, token, apns_id, payload=payload, authenticated=authed)
+
+    def _record_answer(self, conn: _Connection, stream: _Stream, verdict: _Verdict) -> None:
+        self._requests_per_connection[conn.id] += 1
+        request = None
+        if self._record_requests:
+            payload = verdict.payload
+            if payload is None and stream.body and not stream.oversize:
+                try:
+                    decoded = json.loads(stream.body)
+                    payload = decoded if isinstance(decoded, dict) else None
+                except ValueError:
+                    payload = None
+            request = APNsRequest(
+                token=verdict.token,
+                headers={k.decode("latin-1"): v.decode("latin-1") for k, v in stream.headers.items()},
+                payload=payload,
+                status=verdict.status,
+                connection_id=conn.id,
+                at=time.time(),
+                reason=verdict.reason,
+                apns_id=verdict.apns_id,
+            )
+        self._record(request, verdict.token, verdict.status, verdict.status == 200)  # type: ignore[arg-type]
+
+
+def point_aioapns_at(client: Any, fake: APNsFake) -> None:
+    """Send one `aioapns.APNs` client's connections to `fake` instead of Apple.
+
+    aioapns takes host and port from class attributes (APNS_SERVER / APNS_PORT) of the
+    protocol class its pool uses (`pool.protocol_class`, chosen from use_sandbox). This
+    swaps in a subclass for this client only, so nothing global changes. The TLS trust is a
+    separate matter: pass `ssl_context=fake.tls.client_context()` to APNs(...).
+    """
+    if fake.port is None:
+        raise RuntimeError("start the fake first")
+    base = client.pool.protocol_class
+    client.pool.protocol_class = type(
+        f"{base.__name__}ToFake", (base,), {"APNS_SERVER": fake.host, "APNS_PORT": fake.port}
+    )
+
+
+# -- process entry point (benchmarks) ---------------------------------------------------------
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fakes.apns",
+        description="Run the APNs fake until SIGTERM/SIGINT or stdin closes; print stats as JSON.",
+    )
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on start)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--cert", required=True, type=Path, help="server certificate PEM")
+    parser.add_argument("--key", required=True, type=Path, help="server private key PEM")
+    parser.add_argument("--ca", type=Path, help="CA PEM (needed with --client-cert-auth)")
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--public-key", type=Path, help="PEM public key verifying provider tokens")
+    parser.add_argument("--key-id")
+    parser.add_argument("--team-id")
+    parser.add_argument("--client-cert-auth", action="store_true")
+    parser.add_argument("--max-streams", type=int, default=1000)
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument(
+        "--no-header-validation", action="store_true", help="skip h2's inbound header checks (~15%% less CPU)"
+    )
+    parser.add_argument("--ignore-stdin", action="store_true", help="stop on signals only")
+    args = parser.parse_args(argv)
+
+    tls = TLSMaterial(directory=args.cert.parent, ca_cert=args.ca, server_cert=args.cert, server_key=args.key)
+    fake = APNsFake(
+        tls,
+        topic=args.topic,
+        key_id=args.key_id,
+        team_id=args.team_id,
+        public_key_pem=args.public_key.read_bytes() if args.public_key else None,
+        client_cert_auth=args.client_cert_auth,
+        max_streams=args.max_streams,
+        validate_headers=not args.no_header_validation,
+        record=False,  # the stats only need counters
+        host=args.host,
+        port=args.port,
+    )
+    fake.delay = args.delay
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    fake.start()
+    print(json.dumps({"event": "ready", "port": fake.port, "endpoint": fake.endpoint}), flush=True)
+    if not args.ignore_stdin:
+
+        def watch_stdin() -> None:
+            try:
+                while sys.stdin.buffer.read1(65536):
+                    pass
+            except (OSError, ValueError):
+                pass
+            done.set()
+
+        threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
+    while not done.wait(0.5):
+        pass
+    stats = fake.stats()
+    fake.stop()
+    print(json.dumps({"event": "stats", **stats}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,630 @@
+"""notifier.storage called directly, against SQLite and PostgreSQL: the schema, the outbox and its leases.
+
+PostgreSQL: TEST_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test) names a server on which
+this session creates a database of its own and drops it at the end; the tests skip when it cannot connect.
+Times are explicit `now` values: nothing sleeps.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+from chat_app.app import create_app
+from notifier import storage
+from notifier.config import Settings
+from notifier.model import DeliveryState, Platform
+from tests.webapp import ContractTestApp
+
+PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+NOW = 1_800_000_000.0
+LEASE = 60.0
+TABLES = list(storage.metadata.tables)
+
+
+# ---------------------------------------------------------------- engines
+
+def _psycopg(url: str) -> sa.URL:
+    parsed = sa.make_url(url)
+    return parsed.set(drivername="postgresql+psycopg") if parsed.drivername == "postgresql" else parsed
+
+
+@pytest.fixture(scope="session")
+def postgres_engine():
+    """An engine on a uniquely named database created for this session on the test server, then dropped."""
+    server = _psycopg(PG_URL)
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT", poolclass=NullPool,
+                             connect_args={"connect_timeout": 5})
+    try:
+        admin.connect().close()
+    except sa.exc.OperationalError as exc:
+        first_line = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+        shown = sa.make_url(PG_URL).render_as_string(hide_password=True)
+        pytest.skip(f"PostgreSQL not reachable at {shown}: {first_line}")
+    name = f"chat_test_{uuid.uuid4().hex[:16]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine = storage.make_engine(server.set(database=name).render_as_string(hide_password=False))
+    try:
+        storage.create_schema(engine)
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request, tmp_path):
+    """An empty database with the schema: a new SQLite file, or the session's PostgreSQL database emptied."""
+    if request.param == "sqlite":
+        engine = storage.make_engine(f"sqlite:///{tmp_path}/storage.sqlite3")
+        storage.create_schema(engine)
+        yield engine
+        engine.dispose()
+        return
+    engine = request.getfixturevalue("postgres_engine")
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    storage.create_schema(engine)
+    yield engine
+
+
+def write(engine):
+    return storage.writer(engine).begin()
+
+
+def count(engine, table: sa.Table, *where) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one()
+
+
+def rows(engine, table: sa.Table, order=None):
+    with engine.connect() as conn:
+        return conn.execute(sa.select(table).order_by(order if order is not None else table.c.id)).all()
+
+
+# ---------------------------------------------------------------- a chat with every kind of recipient
+
+@dataclass
+class World:
+    ann: int   # the sender, with a device
+    bob: int   # member: an APNs device, and a disabled FCM device
+    cat: int   # member muted until after NOW, with a device
+    dan: int   # member whose mute ended before NOW, with an FCM device
+    eve: int   # not a member, with a device
+    fay: int   # member without devices
+    chat: int
+    devices: dict  # name -> device id
+
+
+def add_user(conn, name: str) -> int:
+    return storage.create_user(conn, name, storage.hash_token(f"{name}-{uuid.uuid4()}"), NOW)["id"]
+
+
+def add_device(conn, user_id: int, platform: str, token: str) -> int:
+    return storage.insert_device(conn, user_id, platform, token, "com.example" if platform == "apns" else None,
+                                 NOW)["id"]
+
+
+@pytest.fixture
+def world(engine) -> World:
+    with write(engine) as conn:
+        ids = {name: add_user(conn, name) for name in ("ann", "bob", "cat", "dan", "eve", "fay")}
+        devices = {
+            "ann": add_device(conn, ids["ann"], "fcm", "ann-token"),
+            "bob-apns": add_device(conn, ids["bob"], "apns", "b0" * 32),
+            "bob-fcm": add_device(conn, ids["bob"], "fcm", "bob-old-phone"),
+            "cat": add_device(conn, ids["cat"], "fcm", "cat-token"),
+            "dan": add_device(conn, ids["dan"], "fcm", "dan-token"),
+            "eve": add_device(conn, ids["eve"], "fcm", "eve-token"),
+        }
+        storage.disable_devices(conn, [devices["bob-fcm"]], "unregistered")
+        chat = storage.create_chat(conn, "trip", ids["ann"], [ids[n] for n in ("bob", "cat", "dan", "fay")], NOW)
+        storage.set_muted_until(conn, chat, ids["cat"], NOW + 3600)
+        storage.set_muted_until(conn, chat, ids["dan"], NOW - 1)
+    return World(chat=chat, devices=devices, **ids)
+
+
+def post(engine, world: World, text: str = "hello", client_id: str | None = None, now: float = NOW) -> dict:
+    with write(engine) as conn:
+        return storage.insert_message_with_job(conn, world.chat, world.ann, text, client_id, now)
+
+
+def expand_all(engine, now: float = NOW, budget: int | None = None) -> int:
+    with write(engine) as conn:
+        return storage.expand_pending_jobs(conn, now, budget)
+
+
+def claim(engine, owner: str, now: float, limit: int = 100) -> list[storage.Claimed]:
+    with write(engine) as conn:
+        return storage.claim_deliveries(conn, owner, now, LEASE, limit)
+
+
+def record(engine, owner: str, updates) -> int:
+    with write(engine) as conn:
+        return storage.record_updates(conn, owner, updates)
+
+
+def sent(delivery_id: int, now: float = NOW) -> storage.Update:
+    return storage.Update(delivery_id, DeliveryState.SENT, 1, now, 200, None, sent_at=now)
+
+
+# ---------------------------------------------------------------- schema
+
+def test_create_schema_is_idempotent_and_records_the_version(engine):
+    storage.create_schema(engine)
+    storage.create_schema(engine)
+
+    with engine.connect() as conn:
+        assert storage.schema_version(conn) == storage.SCHEMA_VERSION
+        storage.ping(conn)
+    assert count(engine, storage.meta) == 1
+    assert set(TABLES) <= set(sa.inspect(engine).get_table_names())
+
+
+def test_create_schema_keeps_existing_rows(engine, world):
+    storage.create_schema(engine)
+
+    assert count(engine, storage.users) == 6
+
+
+def test_create_schema_refuses_a_database_newer_than_the_code(engine):
+    with write(engine) as conn:
+        conn.execute(storage.meta.update().values(value=str(storage.SCHEMA_VERSION + 1)))
+
+    with pytest.raises(RuntimeError, match="newer"):
+        storage.create_schema(engine)
+
+
+# ---------------------------------------------------------------- the message and its job: one write
+
+def test_insert_message_with_job_writes_the_message_and_its_pending_job(engine, world):
+    message = post(engine, world, "hi", "c-1")
+
+    assert message == {"id": message["id"], "chat_id": world.chat, "sender_id": world.ann, "text": "hi",
+                       "client_id": "c-1", "created_at": storage.iso(NOW)}
+    job, = rows(engine, storage.push_jobs)
+    assert (job.message_id, job.state, job.cursor_user, job.created_at) == (message["id"], "pending", None, NOW)
+    with engine.connect() as conn:
+        assert storage.get_message(conn, message["id"]) == message
+        assert storage.message_by_client_id(conn, world.chat, world.ann, "c-1") == message
+        assert storage.message_by_client_id(conn, world.chat, world.bob, "c-1") is None
+
+
+def test_a_transaction_that_fails_after_the_insert_leaves_neither_message_nor_job(engine, world):
+    with pytest.raises(RuntimeError):
+        with write(engine) as conn:
+            storage.insert_message_with_job(conn, world.chat, world.ann, "lost", None, NOW)
+            raise RuntimeError("the request failed later")
+
+    assert count(engine, storage.messages) == 0
+    assert count(engine, storage.push_jobs) == 0
+
+
+def test_a_message_to_a_missing_chat_writes_nothing(engine, world):
+    with pytest.raises(sa.exc.IntegrityError):
+        with write(engine) as conn:
+            storage.insert_message_with_job(conn, 999, world.ann, "nowhere", None, NOW)
+
+    assert (count(engine, storage.messages), count(engine, storage.push_jobs)) == (0, 0)
+
+
+def test_a_duplicate_client_id_fails_as_a_whole(engine, world):
+    first = post(engine, world, "one", "same")
+
+    with pytest.raises(sa.exc.IntegrityError):
+        post(engine, world, "two", "same")
+
+    assert [m.id for m in rows(engine, storage.messages)] == [first["id"]]
+    assert [j.message_id for j in rows(engine, storage.push_jobs)] == [first["id"]]
+
+
+def test_messages_without_client_id_never_collide(engine, world):
+    post(engine, world, "one")
+    post(engine, world, "two")
+
+    assert count(engine, storage.messages) == 2
+
+
+# ---------------------------------------------------------------- jobs: claim and expand
+
+def test_expand_job_makes_one_pending_delivery_per_recipient_device(engine, world):
+    message = post(engine, world)
+
+    assert expand_all(engine) == 2
+
+    deliveries = rows(engine, storage.deliveries, storage.deliveries.c.device_id)
+    assert [(d.device_id, d.platform) for d in deliveries] == [
+        (world.devices["bob-apns"], "apns"), (world.devices["dan"], "fcm")]
+    for d in deliveries:
+        assert (d.message_id, d.state, d.attempts, d.next_attempt_at) == (message["id"], "pending", 0, NOW)
+        assert (d.lease_owner, d.last_status, d.sent_at) == (None, None, None)
+    job, = rows(engine, storage.push_jobs)
+    assert job.state == "expanded"
+    with engine.connect() as conn:
+        assert storage.job_expanded(conn, message["id"]) is True
+
+
+def test_the_sender_muted_members_disabled_devices_and_non_members_get_nothing(engine, world):
+    post(engine, world)
+    expand_all(engine)
+
+    targets = {d.device_id for d in rows(engine, storage.deliveries)}
+    for excluded in ("ann", "bob-fcm", "cat", "eve"):
+        assert world.devices[excluded] not in targets
+
+
+def test_a_mute_ends_at_its_time(engine, world):
+    post(engine, world)
+
+    expand_all(engine, now=NOW + 3600)
+
+    assert world.devices["cat"] in {d.device_id for d in rows(engine, storage.deliveries)}
+
+
+def test_expanding_a_job_again_adds_nothing_twice(engine, world):
+    post(engine, world)
+    expand_all(engine)
+    before = rows(engine, storage.deliveries)
+    with write(engine) as conn:  # as if the "expanded" mark had been lost
+        conn.execute(storage.push_jobs.update().values(state="pending", cursor_user=None, cursor_device=None))
+
+    assert expand_all(engine, now=NOW + 100) == 0
+
+    assert rows(engine, storage.deliveries) == before
+
+
+def test_expansion_goes_a_chunk_at_a_time_and_resumes_from_the_cursor_in_the_row(engine, world):
+    post(engine, world)
+
+    assert expand_all(engine, budget=1) == 1
+    job, = rows(engine, storage.push_jobs)
+    first, = rows(engine, storage.deliveries)
+    assert (job.state, job.cursor_device) == ("pending", first.device_id)  # committed with the row it covers
+    with engine.connect() as conn:
+        assert storage.job_expanded(conn, job.message_id) is False
+
+    assert expand_all(engine, budget=1) == 1  # another transaction, as another dispatcher would
+    assert expand_all(engine, budget=1) == 0  # nothing left: the job is marked done
+    assert rows(engine, storage.push_jobs)[0].state == "expanded"
+    assert sorted(d.device_id for d in rows(engine, storage.deliveries)) == sorted(
+        [world.devices["bob-apns"], world.devices["dan"]])
+
+
+def test_a_rolled_back_chunk_leaves_the_cursor_where_it_was(engine, world):
+    post(engine, world)
+    with pytest.raises(RuntimeError):
+        with write(engine) as conn:
+            storage.expand_pending_jobs(conn, NOW, 1)
+            raise RuntimeError("the dispatcher dies before committing")
+
+    job, = rows(engine, storage.push_jobs)
+    assert (job.state, job.cursor_user, job.cursor_device) == ("pending", None, None)
+    assert expand_all(engine) == 2
+
+
+def test_expansion_takes_the_oldest_job_first_within_the_budget(engine, world):
+    ids = [post(engine, world, f"m{i}")["id"] for i in range(5)]  # 2 recipients each
+
+    assert expand_all(engine, budget=5) == 5
+
+    by_message = Counter(d.message_id for d in rows(engine, storage.deliveries))
+    assert by_message == {ids[0]: 2, ids[1]: 2, ids[2]: 1}
+    assert [j.state for j in rows(engine, storage.push_jobs)] == ["expanded"] * 2 + ["pending"] * 3
+
+
+def test_a_job_without_recipients_is_marked_done_without_using_the_budget(engine, world):
+    with write(engine) as conn:
+        solo = storage.create_chat(conn, "solo", world.ann, [], NOW)
+        storage.insert_message_with_job(conn, solo, world.ann, "note to self", None, NOW)
+    post(engine, world)
+
+    assert expand_all(engine, budget=2) == 2
+
+    assert [j.state for j in rows(engine, storage.push_jobs)] == ["expanded", "expanded"]
+
+
+def test_expanded_jobs_are_not_expanded_again(engine, world):
+    post(engine, world)
+    expand_all(engine)
+
+    assert expand_all(engine, now=NOW + 10 * LEASE) == 0
+
+
+# ---------------------------------------------------------------- deliveries: claim, record
+
+def test_claim_deliveries_loads_everything_a_push_needs(engine, world):
+    message = post(engine, world, "see you at 8")
+    expand_all(engine)
+
+    claimed = claim(engine, "d1", NOW)
+
+    by_device = {c.push.device_id: c for c in claimed}
+    assert set(by_device) == {world.devices["bob-apns"], world.devices["dan"]}
+    apns = by_device[world.devices["bob-apns"]]
+    assert apns.device_enabled is True
+    push = apns.push
+    assert (push.message_id, push.chat_id, push.chat_name, push.sender_id, push.sender_name, push.text) == (
+        message["id"], world.chat, "trip", world.ann, "ann", "see you at 8")
+    assert (push.platform, push.token, push.app, push.attempts) == (Platform.APNS, "b0" * 32, "com.example", 0)
+    assert by_device[world.devices["dan"]].push.platform is Platform.FCM
+
+
+def test_a_leased_delivery_is_claimed_by_nobody_else_until_the_lease_expires(engine, world):
+    post(engine, world)
+    expand_all(engine)
+    assert len(claim(engine, "d1", NOW)) == 2
+
+    assert claim(engine, "d2", NOW + LEASE - 0.001) == []
+    taken = claim(engine, "d2", NOW + LEASE)
+
+    assert len(taken) == 2
+    assert {d.lease_owner for d in rows(engine, storage.deliveries)} == {"d2"}
+
+
+def test_claim_deliveries_respects_the_limit_and_the_due_time(engine, world):
+    post(engine, world)
+    expand_all(engine)
+    first, = claim(engine, "d1", NOW, limit=1)
+    record(engine, "d1", [storage.Update(first.push.delivery_id, DeliveryState.PENDING, 1, NOW + 100, 503,
+                                         "Unavailable")])
+
+    second, = claim(engine, "d1", NOW + 1)
+    assert second.push.delivery_id != first.push.delivery_id
+    record(engine, "d1", [sent(second.push.delivery_id)])
+    assert claim(engine, "d2", NOW + 99) == []
+    retried, = claim(engine, "d2", NOW + 100)
+    assert (retried.push.delivery_id, retried.push.attempts) == (first.push.delivery_id, 1)
+
+
+def test_a_claimed_delivery_to_a_since_disabled_device_says_so(engine, world):
+    post(engine, world)
+    expand_all(engine)
+    with write(engine) as conn:
+        storage.disable_devices(conn, [world.devices["dan"]], "deleted")
+
+    claimed = {c.push.device_id: c.device_enabled for c in claim(engine, "d1", NOW)}
+
+    assert claimed == {world.devices["bob-apns"]: True, world.devices["dan"]: False}
+
+
+def test_record_updates_writes_only_for_the_lease_owner_and_releases_the_lease(engine, world):
+    post(engine, world)
+    expand_all(engine)
+    claimed = claim(engine, "d1", NOW)
+    updates = [sent(c.push.delivery_id, NOW + 1) for c in claimed]
+    before = rows(engine, storage.deliveries)
+
+    assert record(engine, "d2", updates) == 0
+    assert rows(engine, storage.deliveries) == before
+
+    assert record(engine, "d1", updates) == 2
+    for d in rows(engine, storage.deliveries):
+        assert (d.state, d.attempts, d.last_status, d.sent_at) == ("sent", 1, 200, NOW + 1)
+        assert (d.lease_owner, d.lease_until) == (None, None)
+
+
+def test_a_dispatcher_that_lost_its_lease_cannot_overwrite_the_new_owner(engine, world):
+    post(engine, world)
+    expand_all(engine)
+    stale = claim(engine, "d1", NOW)
+    claim(engine, "d2", NOW + LEASE)
+
+    assert record(engine, "d1", [sent(c.push.delivery_id) for c in stale]) == 0
+    assert {(d.state, d.lease_owner) for d in rows(engine, storage.deliveries)} == {("pending", "d2")}
+
+
+def test_final_deliveries_are_not_claimed_again(engine, world):
+    post(engine, world)
+    expand_all(engine)
+    record(engine, "d1", [sent(c.push.delivery_id) for c in claim(engine, "d1", NOW)])
+
+    assert claim(engine, "d2", NOW + 10 * LEASE) == []
+
+
+def test_release_leases_lets_another_dispatcher_take_over_at_once(engine, world):
+    post(engine, world)
+    expand_all(engine)
+    assert len(claim(engine, "d1", NOW)) == 2
+    assert claim(engine, "d2", NOW + 1) == []  # leased
+
+    with write(engine) as conn:
+        storage.release_leases(conn, "d1")
+
+    assert len(claim(engine, "d2", NOW + 1)) == 2
+
+
+def test_message_deliveries_lists_them_by_device(engine, world):
+    message = post(engine, world)
+    expand_all(engine)
+    first = claim(engine, "d1", NOW)[0]
+    record(engine, "d1", [storage.Update(first.push.delivery_id, DeliveryState.FAILED, 1, NOW, 410,
+                                         "Unregistered")])
+
+    with engine.connect() as conn:
+        listed = storage.message_deliveries(conn, message["id"])
+
+    assert [d["device_id"] for d in listed] == sorted([world.devices["bob-apns"], world.devices["dan"]])
+    failed = next(d for d in listed if d["device_id"] == first.push.device_id)
+    assert failed == {"device_id": first.push.device_id, "platform": first.push.platform.value, "state": "failed",
+                      "attempts": 1, "last_status": 410, "last_reason": "Unregistered", "sent_at": None}
+
+
+# ---------------------------------------------------------------- queue depth and next wake-up
+
+def test_queue_depth_counts_pending_jobs_and_deliveries_and_the_oldest_age(engine, world):
+    with engine.connect() as conn:
+        assert storage.queue_depth(conn, NOW) == {"pending_jobs": 0, "pending_deliveries": 0,
+                                                   "oldest_pending_age": 0.0}
+    post(engine, world, now=NOW)
+    post(engine, world, now=NOW + 10)
+    with engine.connect() as conn:
+        assert storage.queue_depth(conn, NOW + 12.5) == {"pending_jobs": 2, "pending_deliveries": 0,
+                                                         "oldest_pending_age": 12.5}
+
+    expand_all(engine, now=NOW + 20)
+
+    with engine.connect() as conn:
+        assert storage.queue_depth(conn, NOW + 30) == {"pending_jobs": 0, "pending_deliveries": 4,
+                                                       "oldest_pending_age": 10.0}
+    record(engine, "d1", [sent(c.push.delivery_id) for c in claim(engine, "d1", NOW + 30)])
+    with engine.connect() as conn:
+        assert storage.queue_depth(conn, NOW + 40) == {"pending_jobs": 0, "pending_deliveries": 0,
+                                                       "oldest_pending_age": 0.0}
+
+
+def test_next_wakeup_is_none_without_work(engine, world):
+    with engine.connect() as conn:
+        assert storage.next_wakeup(conn, NOW) is None
+
+
+def test_next_wakeup_is_now_while_a_job_is_left_to_expand(engine, world):
+    post(engine, world)
+    with engine.connect() as conn:
+        assert storage.next_wakeup(conn, NOW + 5) == NOW + 5
+
+
+def test_next_wakeup_follows_the_earliest_due_or_leased_delivery(engine, world):
+    post(engine, world)
+    expand_all(engine)
+    with engine.connect() as conn:
+        assert storage.next_wakeup(conn, NOW + 1) == NOW  # due since NOW
+    first, second = claim(engine, "d1", NOW)
+    record(engine, "d1", [storage.Update(first.push.delivery_id, DeliveryState.PENDING, 1, NOW + 300, 503, None),
+                          storage.Update(second.push.delivery_id, DeliveryState.PENDING, 1, NOW + 30, 429, None)])
+    with engine.connect() as conn:
+        assert storage.next_wakeup(conn, NOW + 1) == NOW + 30
+    claim(engine, "d1", NOW + 30)  # leases the second until NOW + 30 + LEASE
+    with engine.connect() as conn:
+        assert storage.next_wakeup(conn, NOW + 31) == NOW + 30 + LEASE
+    record(engine, "d1", [sent(second.push.delivery_id)])
+    with engine.connect() as conn:
+        assert storage.next_wakeup(conn, NOW + 31) == NOW + 300
+
+
+# ---------------------------------------------------------------- users, devices, chats
+
+def test_users_are_found_by_token_hash_only(engine):
+    with write(engine) as conn:
+        user = storage.create_user(conn, "ann", storage.hash_token("secret"), NOW)
+    with engine.connect() as conn:
+        assert storage.user_by_token_hash(conn, storage.hash_token("secret")) == user
+        assert storage.user_by_token_hash(conn, storage.hash_token("other")) is None
+        assert storage.user_by_token_hash(conn, "secret") is None
+        assert storage.existing_user_ids(conn, [user["id"], user["id"], 999]) == {user["id"]}
+        assert storage.existing_user_ids(conn, []) == set()
+
+
+def test_a_token_is_one_device_row_that_can_change_hands(engine, world):
+    with write(engine) as conn:
+        moved = storage.rebind_device(conn, world.devices["eve"], world.bob, "fcm", "com.x")
+    with engine.connect() as conn:
+        assert moved == {"id": world.devices["eve"], "platform": "fcm", "token": "eve-token", "app": "com.x"}
+        assert storage.device_owner(conn, world.devices["eve"]) == world.bob
+        assert [d["id"] for d in storage.list_devices(conn, world.bob)] == [world.devices["bob-apns"],
+                                                                             world.devices["eve"]]
+        assert storage.list_devices(conn, world.eve) == []
+        assert storage.device_owner(conn, world.devices["bob-fcm"]) is None  # disabled
+    with pytest.raises(sa.exc.IntegrityError):
+        with write(engine) as conn:
+            add_device(conn, world.ann, "fcm", "eve-token")
+
+
+def test_members_are_added_once_and_removed_once(engine, world):
+    with write(engine) as conn:
+        assert storage.add_member(conn, world.chat, world.eve, NOW) is True
+        assert storage.add_member(conn, world.chat, world.eve, NOW) is False
+    with engine.connect() as conn:
+        assert storage.is_member(conn, world.chat, world.eve)
+        assert [m["id"] for m in storage.chat_members(conn, world.chat)] == sorted(
+            [world.ann, world.bob, world.cat, world.dan, world.eve, world.fay])
+    with write(engine) as conn:
+        assert storage.remove_member(conn, world.chat, world.eve) is True
+        assert storage.remove_member(conn, world.chat, world.eve) is False
+    with engine.connect() as conn:
+        assert not storage.is_member(conn, world.chat, world.eve)
+        assert storage.list_chats(conn, world.eve) == []
+        assert storage.list_chats(conn, world.bob) == [{"id": world.chat, "name": "trip"}]
+
+
+def test_list_messages_pages_by_id(engine, world):
+    ids = [post(engine, world, f"m{i}")["id"] for i in range(6)]
+
+    with engine.connect() as conn:
+        newest = storage.list_messages(conn, world.chat, None, None, 3)
+        before = storage.list_messages(conn, world.chat, ids[3], None, 10)
+        after = storage.list_messages(conn, world.chat, None, ids[3], 10)
+        between = storage.list_messages(conn, world.chat, ids[4], ids[1], 10)
+
+    assert [m["id"] for m in newest] == ids[:2:-1]
+    assert [m["id"] for m in before] == ids[2::-1]
+    assert [m["id"] for m in after] == ids[4:]
+    assert [m["id"] for m in between] == ids[2:4]
+
+
+def test_dispatchers_are_alive_while_their_heartbeat_is_fresh(engine):
+    with write(engine) as conn:
+        first = storage.register_dispatcher(conn, "host-a", 100, NOW)
+        second = storage.register_dispatcher(conn, "host-b", 200, NOW)
+        storage.heartbeat(conn, first, NOW + 10)
+        storage.heartbeat(conn, second, NOW + 10, stopped=True)
+
+    with engine.connect() as conn:
+        status = storage.dispatcher_status(conn, NOW + 15, stale_after=6)
+        stale = storage.dispatcher_status(conn, NOW + 17, stale_after=6)
+
+    assert status == {"alive": [{"host_id": "host-a", "pid": 100, "last_seen": storage.iso(NOW + 10)}], "starts": 2}
+    assert stale == {"alive": [], "starts": 2}
+
+
+@pytest.mark.parametrize("epoch, text", [
+    (0.0, "1970-01-01T00:00:00.000Z"),
+    (1_795_400_963.1234, "2026-11-23T02:29:23.123Z"),
+    (None, None),
+])
+def test_iso_is_utc_with_milliseconds_and_z(epoch, text):
+    assert storage.iso(epoch) == text
+
+
+# ---------------------------------------------------------------- the web layer on both engines
+
+@pytest.fixture
+def client(engine, tmp_path):
+    """The web app on this engine."""
+    app = create_app(Settings(push_run_dir=str(tmp_path / "run")), wake=lambda: None, engine=engine)
+    return ContractTestApp(app)
+
+
+def test_the_app_answers_201_then_200_when_adding_a_member_on_both_engines(client):
+    ann = client.post_json("/v1/users", {"name": "ann"}).json
+    bob = client.post_json("/v1/users", {"name": "bob"}).json
+    headers = {"Authorization": f"Bearer {ann['token']}"}
+    chat = client.post_json("/v1/chats", {"name": "c", "member_ids": []}, headers=headers).json
+
+    client.post_json(f"/v1/chats/{chat['id']}/members", {"user_id": bob["id"]}, headers=headers, status=201)
+    client.post_json(f"/v1/chats/{chat['id']}/members", {"user_id": bob["id"]}, headers=headers, status=200)
+
+
+@pytest.mark.parametrize("big", [2**31 - 1, 2**31, 2**40, 2**63 - 1, 2**63, 2**70])
+def test_ids_too_big_for_the_id_columns_are_404_or_400_never_500(client, big):
+    ann = client.post_json("/v1/users", {"name": "ann"}).json
+    headers = {"Authorization": f"Bearer {ann['token']}"}
+    chat = client.post_json("/v1/chats", {"name": "c", "member_ids": []}, headers=headers).json
+
+    for path in (f"/v1/chats/{big}", f"/v1/messages/{big}", f"/v1/messages/{big}/deliveries"):
+        assert client.get(path, headers=headers, status="*").status_int == 404
+    assert client.delete(f"/v1/devices/{big}", headers=headers, status="*").status_int == 404
+    assert client.delete(f"/v1/chats/{chat['id']}/members/{big}", headers=headers, status="*").status_int == 404
+    assert client.post_json(f"/v1/chats/{chat['id']}/members", {"user_id": big}, headers=headers,
+                            status="*").status_int in (400, 404)
+    assert client.post_json("/v1/chats", {"name": "c", "member_ids": [big]}, headers=headers,
+                            status="*").status_int == 400
+    history = client.get(f"/v1/chats/{chat['id']}/messages?before={big}", headers=headers, status="*")
+    assert history.status_int in (200, 400)
