@@ -1,0 +1,273 @@
+"""The ceiling: lean clients that send the dispatcher's requests straight to the same fakes.
+
+APNs: raw `h2` on asyncio, N connections x M streams. Each connection sends one request first
+(the fake, like Apple, allows one stream until a request with a valid provider token is accepted),
+then keeps up to M streams in flight, opening as many as it may at once and writing all of their
+frames in one write (several streams per flush). Headers are HPACK literals without Huffman coding;
+the constant ones (topic, JWT, ...) are indexed once per connection, the per-request ones are not.
+
+FCM: blocking `http.client` keep-alive connections, one per thread, as many threads as the
+dispatcher's pool (PUSH_FCM_THREADS), with an OAuth token fetched once.
+
+Requests are built before the clock starts: this measures what the fake and the wire allow.
+"""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import ssl
+import threading
+import time
+from collections import deque
+from urllib.parse import quote, urlsplit
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
+from hpack import Encoder, NeverIndexedHeaderTuple
+
+from notifier.model import Platform, Push
+from notifier.payload import apns_collapse_id, apns_id, apns_payload, fcm_message
+
+
+def sample_push(platform: Platform, token: str, index: int, message_id: int = 1) -> Push:
+    return Push(delivery_id=index, message_id=message_id, chat_id=1, chat_name="bench", sender_id=1,
+                sender_name="sender", text="ceiling message", device_id=index, platform=platform, token=token,
+                app=None)
+
+
+# ------------------------------------------------------------------ APNs over raw h2
+
+class _PlainEncoder(Encoder):
+    def encode(self, headers, huffman=True):
+        return super().encode(headers, huffman=False)
+
+
+class _Conn(H2Connection):
+    """h2 told the open-stream count (h2 rescans every stream on each new one otherwise)."""
+
+    def __init__(self):
+        super().__init__(H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
+                                         normalize_outbound_headers=False, validate_inbound_headers=False))
+        self.encoder = _PlainEncoder()
+        self.counted = 0
+
+    @property
+    def open_outbound_streams(self):
+        return self.counted
+
+
+class _APNsClient(asyncio.Protocol):
+    def __init__(self, work: deque, max_streams: int, done: asyncio.Future, stats: dict):
+        self.work = work
+        self.max_streams = max_streams
+        self.done = done
+        self.stats = stats
+        self.conn = _Conn()
+        self.transport = None
+        self.in_flight = 0
+        self.limit = 1             # until the first answer: one stream (Apple's rule for token auth)
+        self.authenticated = False
+        self.statuses: dict = {}
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.conn.initiate_connection()
+        self.fill()
+
+    def fill(self):
+        conn = self.conn
+        allowed = min(self.max_streams, self.limit if not self.authenticated else
+                      min(self.max_streams, conn.remote_settings.max_concurrent_streams))
+        while self.in_flight < allowed and self.work:
+            if conn.outbound_flow_control_window < len(self.work[0][1]):
+                break  # the connection's send window is spent: the next WINDOW_UPDATE calls fill() again
+            headers, body = self.work.popleft()
+            stream_id = conn.get_next_available_stream_id()
+            conn.counted = self.in_flight
+            conn.send_headers(stream_id, headers)
+            conn.send_data(stream_id, body, end_stream=True)
+            self.in_flight += 1
+            if not self.authenticated:
+                break
+        data = conn.data_to_send()
+        if data:
+            self.transport.write(data)
+        if not self.work and self.in_flight == 0 and not self.done.done():
+            self.done.set_result(None)
+
+    def data_received(self, data):
+        conn = self.conn
+        for event in conn.receive_data(data):
+            kind = type(event)
+            if kind is ResponseReceived:
+                for name, value in event.headers:
+                    if name == b":status":
+                        self.statuses[value] = self.statuses.get(value, 0) + 1
+            elif kind is DataReceived:
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif kind is StreamEnded or kind is StreamReset:
+                self.in_flight -= 1
+                self.stats["answered"] += 1
+                if self.stats["first"] is None:
+                    self.stats["first"] = time.perf_counter()
+                self.authenticated = True
+        self.fill()
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"lost: {exc}"))
+
+
+def apns_requests(tokens, key_file: str, key_id: str, team_id: str, topic: str, host: str, message_id: int = 1):
+    """(headers, body) per token, as the provider builds them."""
+    import jwt
+    key = open(key_file).read()
+    bearer = "bearer " + jwt.encode({"iss": team_id, "iat": int(time.time())}, key, algorithm="ES256",
+                                    headers={"kid": key_id})
+    expiration = str(int(time.time()) + 86400).encode()
+    constant = [(b"host", host.encode()), (b"apns-topic", topic.encode()), (b"apns-push-type", b"alert"),
+                (b"apns-priority", b"10"), (b"authorization", bearer.encode())]
+    out = []
+    for index, token in enumerate(tokens):
+        push = sample_push(Platform.APNS, token, index, message_id)
+        headers = [(b":method", b"POST"), (b":scheme", b"https"),
+                   NeverIndexedHeaderTuple(b":path", b"/3/device/" + quote(token, safe="").encode()),
+                   NeverIndexedHeaderTuple(b"apns-id", apns_id(message_id, index).encode()),
+                   NeverIndexedHeaderTuple(b"apns-expiration", expiration),
+                   NeverIndexedHeaderTuple(b"apns-collapse-id", apns_collapse_id(message_id).encode()),
+                   *constant]
+        out.append((headers, apns_payload(push)))
+    return out
+
+
+async def _run_apns(requests, host: str, port: int, ca_file: str, connections: int, streams: int) -> dict:
+    loop = asyncio.get_running_loop()
+    context = ssl.create_default_context(cafile=ca_file)
+    context.set_alpn_protocols(["h2"])
+    work = deque(requests)
+    stats = {"answered": 0, "first": None}
+    started = time.perf_counter()
+    clients = []
+    for _ in range(connections):
+        done = loop.create_future()
+        _, client = await loop.create_connection(lambda d=done: _APNsClient(work, streams, d, stats), host, port,
+                                                 ssl=context, server_hostname=host)
+        clients.append(client)
+    await asyncio.gather(*(c.done for c in clients))
+    elapsed = time.perf_counter() - started
+    for client in clients:
+        client.transport.close()
+    statuses: dict = {}
+    for client in clients:
+        for status, count in client.statuses.items():
+            statuses[status.decode()] = statuses.get(status.decode(), 0) + count
+    return {"requests": len(requests), "seconds": elapsed, "rate": len(requests) / elapsed,
+            "first_ms": (stats["first"] - started) * 1000 if stats["first"] else None, "statuses": statuses,
+            "connections": connections, "streams": streams}
+
+
+def _timed(run):
+    """Add the CPU seconds this process spent (all threads) to run()'s result."""
+    before = sum(os.times()[:2])
+    result = run()
+    result["client_cpu_s"] = round(sum(os.times()[:2]) - before, 3)
+    return result
+
+
+def apns_ceiling(requests, host: str, port: int, ca_file: str, connections: int = 4, streams: int = 250) -> dict:
+    """Send prepared APNs requests; requests/s and the statuses seen."""
+    return _timed(lambda: asyncio.run(_run_apns(requests, host, port, ca_file, connections, streams)))
+
+
+# ------------------------------------------------------------------ FCM over keep-alive HTTP/1.1
+
+def fcm_access_token(account_file: str, ca_file: str) -> str:
+    """An OAuth access token from the fake's token endpoint (the JWT-bearer grant google-auth makes)."""
+    import jwt
+    from urllib.parse import urlencode
+    account = json.loads(open(account_file).read())
+    now = int(time.time())
+    assertion = jwt.encode({"iss": account["client_email"], "aud": "https://oauth2.googleapis.com/token",
+                            "scope": "https://www.googleapis.com/auth/firebase.messaging", "iat": now,
+                            "exp": now + 3600}, account["private_key"], algorithm="RS256")
+    url = urlsplit(account["token_uri"])
+    connection = http.client.HTTPSConnection(url.hostname, url.port,
+                                             context=ssl.create_default_context(cafile=ca_file), timeout=30)
+    try:
+        connection.request("POST", url.path, body=urlencode({
+            "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}),
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        return json.loads(connection.getresponse().read())["access_token"]
+    finally:
+        connection.close()
+
+
+def fcm_requests(tokens, message_id: int = 1, ttl: int = 86400):
+    """Bodies as pyfcm's parse_payload builds them from notifier.payload.fcm_message."""
+    from pyfcm.baseapi import BaseAPI
+    api = BaseAPI.__new__(BaseAPI)  # parse_payload needs no credentials
+    api.json_encoder = None
+    return [api.parse_payload(**fcm_message(sample_push(Platform.FCM, token, i, message_id), ttl))
+            for i, token in enumerate(tokens)]
+
+
+def fcm_ceiling(bodies, send_url: str, access_token: str, ca_file: str, threads: int = 32) -> dict:
+    return _timed(lambda: _fcm_ceiling(bodies, send_url, access_token, ca_file, threads))
+
+
+def _fcm_ceiling(bodies, send_url: str, access_token: str, ca_file: str, threads: int) -> dict:
+    url = urlsplit(send_url)
+    context = ssl.create_default_context(cafile=ca_file)
+    work = deque(bodies)
+    lock = threading.Lock()
+    statuses: dict = {}
+    first: list = []
+    headers = {"Authorization": f"Bearer {access_token}", "Content-Type": "application/json; UTF-8"}
+
+    def worker():
+        connection = http.client.HTTPSConnection(url.hostname, url.port, context=context, timeout=30)
+        try:
+            while True:
+                try:
+                    body = work.popleft()
+                except IndexError:
+                    return
+                connection.request("POST", url.path, body=body, headers=headers)
+                answer = connection.getresponse()
+                answer.read()
+                with lock:
+                    statuses[str(answer.status)] = statuses.get(str(answer.status), 0) + 1
+                    if not first:
+                        first.append(time.perf_counter())
+        finally:
+            connection.close()
+
+    started = time.perf_counter()
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    return {"requests": len(bodies), "seconds": elapsed, "rate": len(bodies) / elapsed,
+            "first_ms": (first[0] - started) * 1000 if first else None, "statuses": statuses, "connections": threads}
+
+
+def mixed_ceiling(apns_reqs, fcm_bodies, apns_args: dict, fcm_args: dict) -> dict:
+    """Both at once (the APNs client on the main thread's loop, the FCM threads beside it)."""
+    return _timed(lambda: _mixed_ceiling(apns_reqs, fcm_bodies, apns_args, fcm_args))
+
+
+def _mixed_ceiling(apns_reqs, fcm_bodies, apns_args: dict, fcm_args: dict) -> dict:
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(fcm=fcm_ceiling(fcm_bodies, **fcm_args)))
+    started = time.perf_counter()
+    thread.start()
+    result["apns"] = apns_ceiling(apns_reqs, **apns_args)
+    thread.join()
+    elapsed = time.perf_counter() - started
+    total = len(apns_reqs) + len(fcm_bodies)
+    return {"requests": total, "seconds": elapsed, "rate": total / elapsed, **result}

@@ -1,0 +1,147 @@
+"""What the benchmarks share: the fakes (own processes), TLS material, servers under uWSGI, chats.
+
+Servers are tests.harness.UwsgiServer (the real uWSGI with the project's uwsgi.ini, on a free
+port, over its own SQLite file); chats are built with tests.e2e's helpers (HTTP sign-up, then
+devices bulk-inserted straight into the database).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from bench.fakes import FakeProcess
+from notifier import storage
+from tests.e2e import add_bulk_member, make_chat
+from tests.fakes.tls import make_tls_material
+from tests.harness import UwsgiServer, pid_alive, wait_until
+
+# the service as deployed, pointed at the fakes; the dispatcher stays up between the phases of a benchmark
+SERVICE_ENV = {"PUSH_IDLE_EXIT": "600"}
+
+
+class BenchEnv:
+    """The fakes and a scratch directory for one `python -m bench` run."""
+
+    def __init__(self, workdir: Path | None = None, keep: bool = False):
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="chat-bench-"))
+        self.keep = keep
+        self.apns: FakeProcess | None = None
+        self.fcm: FakeProcess | None = None
+        self.servers: list[UwsgiServer] = []
+        self._chat_seq = 0
+
+    def __enter__(self) -> "BenchEnv":
+        tls = make_tls_material(self.workdir / "tls")
+        self.ca_file = str(tls.ca_cert)
+        self.apns = FakeProcess("apns", self.workdir / "apns", self.workdir / "tls").start()
+        self.fcm = FakeProcess("fcm", self.workdir / "fcm", self.workdir / "tls").start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for server in list(self.servers):
+            self.stop_server(server)
+        for fake in (self.apns, self.fcm):
+            if fake is not None:
+                fake.stop()
+        if not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def push_env(self) -> dict:
+        """The environment that points the service's providers at the fakes."""
+        return {**self.apns.info["env"], **self.fcm.info["env"], "PUSH_CA_FILE": self.ca_file}
+
+    def server(self, name: str, env: dict | None = None, module: str | None = None, args: tuple = ()) -> UwsgiServer:
+        """Start uWSGI with the project's uwsgi.ini (optionally another WSGI module: the baselines, and
+        extra uWSGI options, which override the ini's)."""
+        args = (("--module", module) if module else ()) + tuple(args)
+        for fake in (self.apns, self.fcm):
+            fake.marks_reset()  # message ids start at 1 again in the new server's database
+        server = UwsgiServer(self.workdir / name, env={**self.push_env, **SERVICE_ENV, **(env or {})}, args=args)
+        self.servers.append(server)
+        server.start(timeout=60)
+        return server
+
+    def stop_server(self, server: UwsgiServer) -> None:
+        """Stop uWSGI, its dispatchers, and whatever its workers started (the baselines' processes)."""
+        if server in self.servers:
+            self.servers.remove(server)
+        pgid = server.process.pid if server.process is not None else None
+        try:
+            server.close()
+        finally:
+            if pgid is not None:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)  # naive children share uWSGI's process group
+                except ProcessLookupError:
+                    pass
+
+    def chat(self, server: UwsgiServer, apns: int, fcm: int) -> "BenchChat":
+        """A chat whose messages go to `apns` + `fcm` recipient devices (one bulk member)."""
+        chat = make_chat(server, {})
+        self._chat_seq += 1
+        start = self._chat_seq * 10_000_000
+        add_bulk_member(server, chat, apns_devices=apns, fcm_devices=fcm, start=start)
+        return BenchChat(chat.chat_id, chat.sender_token, apns + fcm)
+
+
+class BenchChat:
+    def __init__(self, chat_id: int, token: str, devices: int):
+        self.chat_id = chat_id
+        self.token = token
+        self.devices = devices
+
+    @property
+    def path(self) -> str:
+        return f"/v1/chats/{self.chat_id}/messages"
+
+
+def dispatcher_pid(server: UwsgiServer, timeout: float = 15.0) -> int:
+    """The pid of the live dispatcher (from the `dispatchers` table)."""
+    return wait_until(lambda: (server.dispatcher_pids() or [None])[0], timeout, message="a dispatcher")
+
+
+def queue_depth(server: UwsgiServer) -> dict:
+    """Pending jobs / deliveries and the oldest pending age, read from the database."""
+    with server.engine.connect() as conn:
+        return storage.queue_depth(conn, time.time())
+
+
+def drop_backlog(server: UwsgiServer) -> None:
+    """Between phases: mark everything still queued as done (leases cleared), so the next phase starts
+    from an empty outbox. The dispatcher stays up and warm: its batch in flight is not recorded
+    (the lease is no longer its own)."""
+    with storage.writer(server.engine).begin() as conn:
+        conn.execute(storage.push_jobs.update().where(storage.push_jobs.c.state == "pending")
+                     .values(state="expanded"))
+        conn.execute(storage.deliveries.update().where(storage.deliveries.c.state == "pending")
+                     .values(state="skipped", last_reason="bench_dropped", lease_owner=None, lease_until=None))
+
+
+def wait_drained(server: UwsgiServer, timeout: float, interval: float = 0.1) -> float | None:
+    """Wait until nothing is pending; the seconds it took, or None on timeout."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        depth = queue_depth(server)
+        if depth["pending_jobs"] == 0 and depth["pending_deliveries"] == 0:
+            return time.monotonic() - started
+        time.sleep(interval)
+    return None
+
+
+def delivery_states(server: UwsgiServer, message_ids=None) -> dict:
+    query = sa.select(storage.deliveries.c.state, sa.func.count()).group_by(storage.deliveries.c.state)
+    if message_ids is not None:
+        query = query.where(storage.deliveries.c.message_id.in_(list(message_ids)))
+    with server.engine.connect() as conn:
+        return dict(conn.execute(query).all())
+
+
+__all__ = ["BenchEnv", "BenchChat", "dispatcher_pid", "queue_depth", "drop_backlog", "wait_drained",
+           "delivery_states", "pid_alive"]

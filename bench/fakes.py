@@ -1,0 +1,207 @@
+"""The protocol fakes of tests/fakes, each in its own process, with per-message timing marks.
+
+A fake in the benchmark's own process would take the GIL from the load generator (and the
+dispatcher's peer would share a core with it), so each runs in a child process:
+
+    python -m bench.fakes apns|fcm --dir DIR --tls-dir DIR
+
+The child prints one JSON line when ready (endpoint and the credentials the service needs),
+then answers one JSON line per command read on stdin:
+
+    {"cmd": "stats"}  -> counters, and per message id: [first answer, last answer, count] (time.time())
+    {"cmd": "marks_reset"}
+    {"cmd": "quit"}   (also on EOF)
+
+Marks are kept for 200 answers only (no payload is stored: the fakes run with record=False).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "com.example.chat"
+KEY_ID = "KEYID12345"
+TEAM_ID = "TEAMID1234"
+PROJECT = "chat-bench"
+FAKE_NICE = 10
+
+
+class Marks:
+    """First/last answer time and count per message id; thread-safe."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_message: dict = {}
+        self.ok = 0
+
+    def hit(self, message_id) -> None:
+        now = time.time()
+        with self.lock:
+            self.ok += 1
+            mark = self.by_message.get(message_id)
+            if mark is None:
+                self.by_message[message_id] = [now, now, 1]
+            else:
+                mark[1] = now
+                mark[2] += 1
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {"ok": self.ok, "marks": {str(k): list(v) for k, v in self.by_message.items()}}
+
+    def reset(self) -> None:
+        with self.lock:
+            self.by_message.clear()
+
+
+# ------------------------------------------------------------------ parent side
+
+class FakeProcess:
+    """Start/stop a fake child and talk to it."""
+
+    def __init__(self, kind: str, directory: Path, tls_dir: Path, max_streams: int = 1000):
+        self.kind = kind
+        self.directory = Path(directory)
+        self.tls_dir = Path(tls_dir)
+        self.max_streams = max_streams
+        self.process: subprocess.Popen | None = None
+        self.info: dict = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> "FakeProcess":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.fakes", self.kind, "--dir", str(self.directory),
+             "--tls-dir", str(self.tls_dir), "--max-streams", str(self.max_streams)],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.directory / "stderr.log", "ab"),
+            text=True, bufsize=1,
+        )
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.kind} fake did not start; see {self.directory / 'stderr.log'}")
+        self.info = json.loads(line)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def call(self, cmd: str, **kwargs) -> dict:
+        with self._lock:
+            self.process.stdin.write(json.dumps({"cmd": cmd, **kwargs}) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.kind} fake died; see {self.directory / 'stderr.log'}")
+        return json.loads(line)
+
+    def stats(self) -> dict:
+        return self.call("stats")
+
+    def marks_reset(self) -> None:
+        self.call("marks_reset")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+# ------------------------------------------------------------------ child side
+
+def _tls(tls_dir: Path):
+    from tests.fakes.tls import TLSMaterial
+    return TLSMaterial(directory=tls_dir, ca_cert=tls_dir / "ca.pem", server_cert=tls_dir / "server.pem",
+                       server_key=tls_dir / "server.key")
+
+
+def _start_apns(args, marks: Marks):
+    from tests.fakes.apns import APNsFake
+    from tests.fakes.tls import make_apns_key
+
+    class MarkedAPNsFake(APNsFake):
+        def _record_answer(self, conn, stream, verdict):
+            super()._record_answer(conn, stream, verdict)
+            if verdict.status == 200 and verdict.payload is not None:
+                marks.hit(verdict.payload.get("message_id"))
+
+    key_path, public_key = make_apns_key(args.dir / "apns-key", key_id=KEY_ID)
+    fake = MarkedAPNsFake(_tls(args.tls_dir), topic=TOPIC, key_id=KEY_ID, team_id=TEAM_ID, public_key_pem=public_key,
+                          max_streams=args.max_streams, record=False)
+    fake.start()
+    env = {"APNS_KEY_FILE": str(key_path), "APNS_KEY_ID": KEY_ID, "APNS_TEAM_ID": TEAM_ID, "APNS_TOPIC": TOPIC,
+           "APNS_ENDPOINT": fake.endpoint}
+    return fake, {"endpoint": fake.endpoint, "host": fake.host, "port": fake.port, "env": env,
+                  "key_file": str(key_path), "key_id": KEY_ID, "team_id": TEAM_ID, "topic": TOPIC}
+
+
+def _start_fcm(args, marks: Marks):
+    from tests.fakes.fcm import FCMFake
+    from tests.fakes.tls import make_service_account
+
+    class MarkedFCMFake(FCMFake):
+        def _record(self, request, token, status, sent):
+            super()._record(request, token, status, sent)
+            if sent and request is not None:
+                marks.hit(int((request.message.get("data") or {}).get("message_id", 0)))
+
+    fake = MarkedFCMFake(_tls(args.tls_dir), project_id=PROJECT, record=False)  # _record still gets the request
+    fake.start()
+    account_path, public_key = make_service_account(args.dir / "fcm-account", fake.token_uri, project_id=PROJECT)
+    fake.add_service_account(json.loads(account_path.read_text())["client_email"], public_key)
+    env = {"FCM_SERVICE_ACCOUNT_FILE": str(account_path), "FCM_PROJECT_ID": PROJECT, "FCM_ENDPOINT": fake.base_url}
+    return fake, {"endpoint": fake.base_url, "host": fake.host, "port": fake.port, "env": env,
+                  "send_url": fake.send_url(), "account_file": str(account_path), "project": PROJECT}
+
+
+def _main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fakes")
+    parser.add_argument("kind", choices=("apns", "fcm"))
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--tls-dir", type=Path, required=True)
+    parser.add_argument("--max-streams", type=int, default=1000)
+    args = parser.parse_args(argv)
+    # the fakes stand in for Apple's and Google's servers, which do not share the service's CPU in
+    # production: they take what the service under test leaves
+    os.nice(FAKE_NICE)
+    marks = Marks()
+    fake, info = (_start_apns if args.kind == "apns" else _start_fcm)(args, marks)
+    info["pid"] = os.getpid()
+    print(json.dumps(info), flush=True)
+    try:
+        for line in sys.stdin:
+            command = json.loads(line)
+            cmd = command.get("cmd")
+            if cmd == "stats":
+                reply = {**fake.stats(), **marks.snapshot()}
+            elif cmd == "marks_reset":
+                marks.reset()
+                reply = {"ok": True}
+            elif cmd == "quit":
+                print(json.dumps({"ok": True}), flush=True)
+                break
+            else:
+                reply = {"error": f"unknown command {cmd!r}"}
+            print(json.dumps(reply), flush=True)
+    finally:
+        fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
