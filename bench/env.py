@@ -57,13 +57,16 @@ class BenchEnv:
         """The environment that points the service's providers at the fakes."""
         return {**self.apns.info["env"], **self.fcm.info["env"], "PUSH_CA_FILE": self.ca_file}
 
-    def server(self, name: str, env: dict | None = None, module: str | None = None, args: tuple = ()) -> UwsgiServer:
+    def server(self, name: str, env: dict | None = None, module: str | None = None, args: tuple = (),
+               database_url: str | None = None, reset_marks: bool = True) -> UwsgiServer:
         """Start uWSGI with the project's uwsgi.ini (optionally another WSGI module: the baselines, and
-        extra uWSGI options, which override the ini's)."""
+        extra uWSGI options, which override the ini's) over its own SQLite file, or `database_url`."""
         args = (("--module", module) if module else ()) + tuple(args)
-        for fake in (self.apns, self.fcm):
-            fake.marks_reset()  # message ids start at 1 again in the new server's database
-        server = UwsgiServer(self.workdir / name, env={**self.push_env, **SERVICE_ENV, **(env or {})}, args=args)
+        if reset_marks:  # message ids start at 1 again in the new server's database
+            for fake in (self.apns, self.fcm):
+                fake.marks_reset()
+        server = UwsgiServer(self.workdir / name, env={**self.push_env, **SERVICE_ENV, **(env or {})}, args=args,
+                             database_url=database_url)
         self.servers.append(server)
         server.start(timeout=60)
         return server

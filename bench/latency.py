@@ -66,12 +66,13 @@ def _result(variant, size, runs, cpus) -> dict:
             "wall_s": round(wall, 2), **summary_ms(latencies), "cpu_s": cpu}
 
 
-def measure_service(env: BenchEnv, sizes, per_round: int, rounds: int, warmup: int) -> list[dict]:
+def measure_service(env: BenchEnv, sizes, per_round: int, rounds: int, warmup: int,
+                    database_url: str | None = None) -> list[dict]:
     """The service: one server, one chat per size, sizes measured in interleaved rounds (the order
     rotates), so every size sees the same share of this shared machine's noise. Before each round
     the outbox is emptied (what the previous size left queued is marked done), so a round measures
     the request path with the dispatcher busy with that round's own pushes only."""
-    server = env.server("service")
+    server = env.server("service", database_url=database_url)
     try:
         chats = {size: env.chat(server, apns=size // 2, fcm=size - size // 2) for size in sizes}
         for size in sizes:  # starts the dispatcher, opens the provider connections

@@ -35,3 +35,17 @@ def test_fakes_mark_the_pushes_of_a_message(tmp_path):
             env.stop_server(server)
     assert marks["count"] == 5
     assert marks["first"] <= marks["last"]
+
+
+def test_multihost_fan_out_runs_with_one_and_two_hosts(tmp_path):
+    from bench.multihost import fan_out
+    from tests.pg import require_postgres, temporary_database
+
+    require_postgres()
+    with temporary_database() as url, BenchEnv(tmp_path / "bench") as env:
+        result = fan_out(env, url, devices=6, alternations={"apns": 1})
+    one, = result["runs"]["apns"]["one"]
+    two, = result["runs"]["apns"]["two"]
+    assert (one["dispatchers"], two["dispatchers"]) == (1, 2)
+    assert one["pushed"] == two["pushed"] == 6
+    assert one["by_host"] == {"host-a": 6} and sum(two["by_host"].values()) == 6
