@@ -8,10 +8,13 @@ SQLite and PostgreSQL, and the dispatcher's `now` stays a plain number.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -197,9 +200,92 @@ def _tune_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
 
 
-def writer(engine: Engine) -> Engine:
-    """The engine to use for transactions that write: takes SQLite's write lock up front."""
-    return engine.execution_options(write=True)
+class Writer:
+    """Write transactions: `with writer(engine).begin() as conn:`.
+
+    On SQLite the write lock is taken up front (BEGIN IMMEDIATE), and writers first queue on an
+    flock of a file beside the database. SQLite's own wait for a busy lock is a sleep-and-retry
+    loop (1, 2, 5, 10 ... 100 ms): under a steady stream of short transactions from four uWSGI
+    workers and the dispatcher, a POST could sleep through many lock hand-overs and its p99 grew
+    with the dispatcher's write rate. A waiter on flock is woken by the kernel the moment the
+    holder is done. The flock is only a queue: SQLite's lock still guards the data, so a process
+    that does not take it (the sqlite3 shell) is safe, only not queued.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine.execution_options(write=True)
+        database = engine.url.database if engine.dialect.name == "sqlite" else None
+        self._queue = _write_queue(database) if database and database != ":memory:" else None
+
+    @contextlib.contextmanager
+    def begin(self):
+        """A write transaction, committed on leaving the block (rolled back on an exception)."""
+        if self._queue is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._queue:
+            with self.engine.begin() as conn:
+                yield conn
+
+
+class _WriteQueue:
+    """An exclusive flock on `path`, for the threads of this process one at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._thread_lock = threading.Lock()  # flock does not exclude threads sharing one open file
+        self._fd: int | None = None
+
+    def __enter__(self):
+        self._thread_lock.acquire()
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+    def forget_parent(self) -> None:
+        """In a forked child: a fresh thread lock (another thread may have held it at the fork) and an
+        open file of our own (the inherited one shares the parent's lock: it would not exclude us)."""
+        self._thread_lock = threading.Lock()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # the parent's descriptor stays open: its lock is unaffected
+
+
+_queues: dict[str, _WriteQueue] = {}
+_queues_lock = threading.Lock()
+
+
+def _write_queue(database: str) -> _WriteQueue:
+    path = os.path.abspath(database) + "-writers.lock"
+    with _queues_lock:
+        return _queues.setdefault(path, _WriteQueue(path))
+
+
+def _after_fork_in_child() -> None:
+    global _queues_lock
+    _queues_lock = threading.Lock()
+    for queue in _queues.values():
+        queue.forget_parent()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def writer(engine: Engine) -> Writer:
+    """What to open transactions that write with: `with writer(engine).begin() as conn:`."""
+    return Writer(engine)
 
 
 def create_schema(engine: Engine) -> None:

@@ -628,3 +628,72 @@ def test_ids_too_big_for_the_id_columns_are_404_or_400_never_500(client, big):
                             status="*").status_int == 400
     history = client.get(f"/v1/chats/{chat['id']}/messages?before={big}", headers=headers, status="*")
     assert history.status_int in (200, 400)
+
+
+# ---------------------------------------------------------------- SQLite: writers queue on a file lock
+
+def _write_in_child(url: str, ready, go, done) -> None:
+    engine = storage.make_engine(url)
+    ready.set()
+    go.wait(10)
+    with storage.writer(engine).begin() as conn:  # the queue object inherited from the parent by fork
+        storage.create_user(conn, "child", "child-hash", NOW)
+    done.set()
+
+
+def test_sqlite_writers_of_forked_processes_queue_on_the_lock_file(tmp_path):
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path}/queue.sqlite3"
+    engine = storage.make_engine(url)
+    storage.create_schema(engine)  # a write: this process's queue is open when it forks
+    fork = multiprocessing.get_context("fork")
+    ready, go, done = fork.Event(), fork.Event(), fork.Event()
+    # forked outside any transaction, as uWSGI forks workers and workers fork the dispatcher
+    child = fork.Process(target=_write_in_child, args=(url, ready, go, done))
+    child.start()
+    try:
+        assert ready.wait(10)
+        # the parent holds the queue only, not SQLite's lock: what the child waits on is the queue, and
+        # only because it opened the lock file itself (an inherited descriptor shares our lock)
+        with storage._write_queue(str(tmp_path / "queue.sqlite3")):
+            go.set()
+            assert not done.wait(0.3), "the child wrote while the parent held the queue"
+        assert done.wait(10), "the child was not let in when the parent committed"
+        child.join(10)
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join(5)
+    assert child.exitcode == 0
+    assert (tmp_path / "queue.sqlite3-writers.lock").exists()
+    with engine.connect() as conn:
+        names = conn.execute(sa.select(storage.users.c.name).order_by(storage.users.c.id)).scalars().all()
+    assert names == ["child"]
+    engine.dispose()
+
+
+def test_sqlite_writer_threads_of_one_process_take_turns(tmp_path):
+    import threading
+
+    engine = storage.make_engine(f"sqlite:///{tmp_path}/threads.sqlite3")
+    storage.create_schema(engine)
+    inside, overlaps = [], []
+
+    def write(i):
+        for j in range(20):
+            with storage.writer(engine).begin() as conn:
+                inside.append(i)
+                if len(inside) > 1:
+                    overlaps.append(list(inside))
+                storage.create_user(conn, f"u{i}-{j}", f"h{i}-{j}", NOW)
+                inside.remove(i)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert overlaps == []
+    assert count(engine, storage.users) == 80
+    engine.dispose()
