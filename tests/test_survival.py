@@ -179,3 +179,18 @@ def test_supervised_dispatcher_survives_a_reload_without_a_second_copy(servers, 
     report = wait_complete(server, chat, message, 60)
     assert report["summary"]["sent"] == len(tokens) + 1
     assert set(fakes.apns.sent_tokens().values()) == {1}, "no duplicate send"
+
+
+def test_the_dispatcher_runs_below_the_workers_in_its_own_session_and_scheduler_group(servers, fakes):
+    server = servers(fakes)
+    chat = make_chat(server, {"bob": [("apns", apns_token(1))]})
+    wait_complete(server, chat, post_message(server, chat), 30)
+    pid = dispatcher_pid(server)
+    worker = int(os.popen(f"pgrep -P {server.process.pid}").read().split()[0])
+    assert os.getsid(pid) == pid != os.getsid(worker)  # its own session: a group signal misses it
+    assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, worker) + 10
+    autogroup = Path(f"/proc/{pid}/autogroup")
+    if not autogroup.exists() or Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() != "1":
+        pytest.skip("no scheduler autogroups on this kernel: the process's nice is all that counts")
+    # a new session is a new autogroup, where the process's nice ranks it only against itself
+    assert autogroup.read_text().split()[-2:] == ["nice", "10"]
