@@ -3,7 +3,8 @@
 Open loop: POSTs start at a fixed rate whatever the answers do. Every second the outbox is sampled
 through GET /healthz (pending jobs, pending deliveries, oldest pending age). After the load, the
 dispatcher drains for a few seconds (its drain rate is measured), then the rest is dropped and a
-second, shorter phase runs at a rate this machine can push (SECOND_RATE), to show the other case.
+second, shorter phase runs at 70 % of that measured drain rate (SECOND_SHARE), to show the rate this
+machine sustains with a flat queue.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from bench.procs import CpuMeter, group_pids
 
 NAME = "sustained"
 RATE, DURATION = 50, 60
-SECOND_RATE, SECOND_DURATION = 8, 30
+SECOND_SHARE, SECOND_DURATION = 0.7, 30
 DEVICES = 200
 CHATS = 10
 DRAIN_WATCH = 10
@@ -81,7 +82,8 @@ def run(env: BenchEnv, quick: bool = False) -> dict:
         drop_backlog(server)
         time.sleep(1.0)
         wait_drained(server, 10)
-        low = _phase(env, server, requests, pid, SECOND_RATE, second)
+        second_rate = max(1, int(SECOND_SHARE * first["drain_rate_after"] / DEVICES))
+        low = _phase(env, server, requests, pid, second_rate, second)
         low["drained_after_s"] = wait_drained(server, 30)
     finally:
         env.stop_server(server)
@@ -90,10 +92,10 @@ def run(env: BenchEnv, quick: bool = False) -> dict:
         "queue_bounded_at_50_per_s": {
             "value": f"backlog grows {first['backlog_growth_per_s']}/s; oldest pending {first['oldest_pending_age_end_s']} s",
             "target": "no growth without bound", "met": (first["backlog_growth_per_s"] or 0) <= 0.05 * RATE * DEVICES},
-        f"queue_bounded_at_{SECOND_RATE}_per_s": {
+        f"queue_bounded_at_{second_rate}_per_s": {
             "value": f"backlog grows {low['backlog_growth_per_s']}/s; oldest pending {low['oldest_pending_age_end_s']} s",
-            "target": "no growth without bound (informative)",
-            "met": (low["backlog_growth_per_s"] or 0) <= 0.05 * SECOND_RATE * DEVICES},
+            "target": f"no growth without bound (informative: {SECOND_SHARE:.0%} of the drain rate)",
+            "met": (low["backlog_growth_per_s"] or 0) <= 0.05 * second_rate * DEVICES},
     }
     tables = []
     for phase in (first, low):
