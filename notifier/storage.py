@@ -230,10 +230,11 @@ class Writer:
 
 
 class _WriteQueue:
-    """An exclusive flock on `path`, for the threads of this process one at a time."""
+    """An exclusive flock on `path`, for the threads of one process one at a time."""
 
     def __init__(self, path: str):
         self.path = path
+        self.pid = os.getpid()
         self._thread_lock = threading.Lock()  # flock does not exclude threads sharing one open file
         self._fd: int | None = None
 
@@ -254,13 +255,12 @@ class _WriteQueue:
         finally:
             self._thread_lock.release()
 
-    def forget_parent(self) -> None:
-        """In a forked child: a fresh thread lock (another thread may have held it at the fork) and an
-        open file of our own (the inherited one shares the parent's lock: it would not exclude us)."""
-        self._thread_lock = threading.Lock()
+    def close_inherited(self) -> None:
+        """In a forked child: close the parent's open file (it shares the parent's lock, so it
+        would not exclude us, and kept open here it would keep a lock the parent dies holding)."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.close(fd)  # the parent's descriptor stays open: its lock is unaffected
+            os.close(fd)
 
 
 _queues: dict[str, _WriteQueue] = {}
@@ -268,16 +268,25 @@ _queues_lock = threading.Lock()
 
 
 def _write_queue(database: str) -> _WriteQueue:
+    """This process's queue for the database. A queue made before a fork is not used after it:
+    uWSGI forks its workers from C, where no at-fork hook runs, so the pid tells."""
     path = os.path.abspath(database) + "-writers.lock"
     with _queues_lock:
-        return _queues.setdefault(path, _WriteQueue(path))
+        queue = _queues.get(path)
+        if queue is None or queue.pid != os.getpid():
+            if queue is not None:
+                queue.close_inherited()
+            queue = _queues[path] = _WriteQueue(path)
+        return queue
 
 
 def _after_fork_in_child() -> None:
+    """After os.fork() (multiprocessing's PushProcess): fresh locks, the parent's files closed."""
     global _queues_lock
-    _queues_lock = threading.Lock()
+    _queues_lock = threading.Lock()  # another thread may have held it at the fork
     for queue in _queues.values():
-        queue.forget_parent()
+        queue.close_inherited()
+    _queues.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

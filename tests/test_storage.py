@@ -673,6 +673,40 @@ def test_sqlite_writers_of_forked_processes_queue_on_the_lock_file(tmp_path):
     engine.dispose()
 
 
+def test_sqlite_write_queue_holds_across_a_fork_made_in_c_as_uwsgi_forks_its_workers(tmp_path):
+    import ctypes
+    import select
+
+    engine = storage.make_engine(f"sqlite:///{tmp_path}/cfork.sqlite3")
+    storage.create_schema(engine)  # the queue is open in this process, as in uWSGI's master
+    path = str(tmp_path / "cfork.sqlite3")
+    read_end, write_end = os.pipe()
+    libc_fork = ctypes.PyDLL(None).fork  # fork(2) itself: no Python at-fork hook runs, as under uWSGI
+    with storage._write_queue(path):
+        pid = libc_fork()
+        if pid == 0:  # the child: take the queue, say so, leave at once
+            try:
+                with storage._write_queue(path):
+                    os.write(write_end, b"in")
+            finally:
+                os._exit(0)
+        try:
+            ready, _, _ = select.select([read_end], [], [], 0.3)
+            assert ready == [], "the child took the queue while the parent held it"
+        except BaseException:
+            os.kill(pid, 9)
+            raise
+    try:
+        ready, _, _ = select.select([read_end], [], [], 10)
+        assert ready == [read_end] and os.read(read_end, 2) == b"in"
+    finally:
+        os.kill(pid, 9)  # a child stuck on a lock it inherited must not outlive the test (a no-op on an exited one)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+        os.close(write_end)
+    engine.dispose()
+
+
 def test_sqlite_writer_threads_of_one_process_take_turns(tmp_path):
     import threading
 
