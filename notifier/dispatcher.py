@@ -405,3 +405,4 @@ def _beat(dispatcher: Dispatcher, registry_id: int, lease: float) -> None:
     with dispatcher.writer.begin() as conn:
         storage.heartbeat(conn, registry_id, now)
         storage.renew_leases(conn, dispatcher.owner, now + lease)
+    storage.checkpoint(dispatcher.engine)  # SQLite's WAL, copied back while nobody waits for it

@@ -30,6 +30,7 @@ from notifier.model import DeliveryState, Platform, Push
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+WAL_SAFETY_PAGES = 10_000  # SQLite checkpoints inside a commit only past this (40 MB of WAL)
 NOTIFY_CHANNEL = "chat_push_jobs"  # PostgreSQL LISTEN/NOTIFY channel that wakes dispatchers on every host
 
 metadata = sa.MetaData()
@@ -193,6 +194,11 @@ def _tune_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=10000")
         cursor.execute("PRAGMA synchronous=NORMAL")  # WAL stays durable against process crashes
+        # SQLite copies the WAL back into the database inside whichever commit crosses its threshold,
+        # while that writer still holds the write queue: every other writer waited for it (15-20 ms
+        # for 2,600 pages here, far longer when the dispatcher, at low priority, was the one).
+        # The dispatcher checkpoints outside the queue instead (checkpoint()); this is a safety net.
+        cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_SAFETY_PAGES}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -290,6 +296,20 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def checkpoint(engine: Engine) -> None:
+    """SQLite: copy the WAL back into the database, outside any transaction and the write queue.
+
+    PASSIVE: waits for no reader and blocks no writer (they append to the WAL meanwhile). A no-op
+    on PostgreSQL."""
+    if engine.dialect.name != "sqlite":
+        return
+    connection = engine.raw_connection()
+    try:
+        connection.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    finally:
+        connection.close()
 
 
 def writer(engine: Engine) -> Writer:

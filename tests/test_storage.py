@@ -731,3 +731,26 @@ def test_sqlite_writer_threads_of_one_process_take_turns(tmp_path):
     assert overlaps == []
     assert count(engine, storage.users) == 80
     engine.dispose()
+
+
+def test_sqlite_commits_leave_the_wal_for_checkpoint_to_copy_outside_the_write_queue(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "wal.sqlite3"
+    engine = storage.make_engine(f"sqlite:///{path}")
+    storage.create_schema(engine)
+    storage.checkpoint(engine)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == storage.WAL_SAFETY_PAGES
+    with storage.writer(engine).begin() as conn:
+        for i in range(50):
+            storage.create_user(conn, f"u{i}", f"h{i}", NOW)
+
+    def users_in_the_database_file() -> int:  # immutable: the main file only, the WAL ignored
+        with sqlite3.connect(f"file:{path}?immutable=1", uri=True) as raw:
+            return raw.execute("SELECT count(*) FROM users").fetchone()[0]
+
+    assert users_in_the_database_file() == 0  # the commit left its pages in the WAL
+    storage.checkpoint(engine)
+    assert users_in_the_database_file() == 50
+    engine.dispose()
