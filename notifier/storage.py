@@ -248,7 +248,9 @@ class _WriteQueue:
         self._thread_lock.acquire()
         try:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                # read-only is enough for flock: a process of another user that may write the
+                # database (a supervised `python -m notifier`) can still queue on a file it did not create
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
             self._thread_lock.release()
