@@ -67,6 +67,10 @@ class Dispatcher:
         self.stopping = False
         self._limit = asyncio.Semaphore(settings.push_concurrency)
         self._db_inline = engine.dialect.name == "sqlite"
+        # deliveries leased to us: in flight (the heartbeat renews these), or lost before they were
+        # sent or recorded (the database failed in between: released at the next pass)
+        self.in_flight: set[int] = set()
+        self._lost: set[int] = set()
 
     async def _db(self, call, *args):
         """Run a blocking database call of the send path.
@@ -86,6 +90,10 @@ class Dispatcher:
     async def drain(self) -> Tally:
         """Expand pending jobs, then send due deliveries until none is left. Returns what was done."""
         tally = Tally()
+        if self._lost:  # nothing of ours is in flight between passes: give lost claims back
+            lost = set(self._lost)
+            await self._db(self._release, lost)
+            self._lost -= lost
         size = min(FIRST_BATCH, self.settings.push_batch)  # small first: the first pushes leave at once
         first = await self._db(self._claim, size)
         if not first:
@@ -113,8 +121,15 @@ class Dispatcher:
                     return
             tally.claimed += len(claimed)
             full = len(claimed) == size
-            updates, dead = await self._send_batch(claimed, tally)
-            await self._record_until_done(updates, dead)
+            ids = {c.push.delivery_id for c in claimed}
+            try:
+                updates, dead = await self._send_batch(claimed, tally)
+                await self._record_until_done(updates, dead)
+            except BaseException:
+                self._lost |= ids
+                raise
+            finally:
+                self.in_flight -= ids
             if not full:
                 return
             claimed, size = None, self.settings.push_batch
@@ -129,8 +144,14 @@ class Dispatcher:
             ids = storage.claim_delivery_ids(conn, self.owner, now, self.settings.push_lease, size)
         if not ids:
             return []
-        with self.engine.connect() as conn:
-            return storage.load_claimed(conn, ids)
+        self.in_flight.update(ids)
+        try:
+            with self.engine.connect() as conn:
+                return storage.load_claimed(conn, ids)
+        except BaseException:
+            self.in_flight.difference_update(ids)
+            self._lost.update(ids)
+            raise
 
     async def _record_until_done(self, updates: list[storage.Update], dead_devices: list[int]) -> None:
         """Record a sent batch, waiting out a database outage: giving up would re-send the whole
@@ -240,8 +261,12 @@ class Dispatcher:
 
     def release(self) -> None:
         """Give back every lease we hold (on a clean stop), so others can take the rows at once."""
-        with self.writer.begin() as conn:
-            storage.release_leases(conn, self.owner)
+        self._release(self.in_flight | self._lost)
+
+    def _release(self, ids: set[int]) -> None:
+        if ids:
+            with self.writer.begin() as conn:
+                storage.release_leases(conn, self.owner, ids)
 
 
 # ------------------------------------------------------------------------- the serving loop
@@ -404,5 +429,5 @@ def _beat(dispatcher: Dispatcher, registry_id: int, lease: float) -> None:
     now = dispatcher.clock()
     with dispatcher.writer.begin() as conn:
         storage.heartbeat(conn, registry_id, now)
-        storage.renew_leases(conn, dispatcher.owner, now + lease)
+        storage.renew_leases(conn, dispatcher.owner, set(dispatcher.in_flight), now + lease)
     storage.checkpoint(dispatcher.engine)  # SQLite's WAL, copied back while nobody waits for it

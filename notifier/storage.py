@@ -30,6 +30,7 @@ from notifier.model import DeliveryState, Platform, Push
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+ID_CHUNK = 5_000  # ids per IN (...) list: under SQLite's 32,766 bound parameters, and small for PostgreSQL
 WAL_SAFETY_PAGES = 10_000  # SQLite checkpoints inside a commit only past this (40 MB of WAL)
 NOTIFY_CHANNEL = "chat_push_jobs"  # PostgreSQL LISTEN/NOTIFY channel that wakes dispatchers on every host
 
@@ -780,17 +781,34 @@ def _record_statement():
     )
 
 
-def renew_leases(conn: Connection, owner: str, until: float) -> int:
-    """Extend every lease `owner` holds to `until` (work in flight outlives a short lease)."""
-    return conn.execute(
-        deliveries.update().where(deliveries.c.lease_owner == owner).values(lease_until=until)
-    ).rowcount
+def renew_leases(conn: Connection, owner: str, ids: Iterable[int], until: float) -> int:
+    """Extend `owner`'s leases on the deliveries `ids` (the batches in flight) to `until`.
+
+    By id, not every row `owner` leases: a claim whose batch was lost before it was sent (the
+    database failed between the claim and loading it) must expire, not be renewed forever, and a
+    lookup by primary key does not scan the deliveries table every heartbeat."""
+    renewed = 0
+    ids = sorted(ids)
+    for start in range(0, len(ids), ID_CHUNK):
+        renewed += conn.execute(
+            deliveries.update().where(deliveries.c.id.in_(ids[start:start + ID_CHUNK]),
+                                      deliveries.c.lease_owner == owner).values(lease_until=until)
+        ).rowcount
+    return renewed
 
 
-def release_leases(conn: Connection, owner: str) -> None:
-    """Give back every lease `owner` holds, so another dispatcher can take the rows at once."""
-    conn.execute(deliveries.update().where(deliveries.c.lease_owner == owner)
-                 .values(lease_owner=None, lease_until=None))
+def release_leases(conn: Connection, owner: str, ids: Iterable[int] | None = None) -> None:
+    """Give back `owner`'s leases (on the deliveries `ids`; None: all of them, which scans the
+    table), so another dispatcher can take the rows at once."""
+    if ids is None:
+        conn.execute(deliveries.update().where(deliveries.c.lease_owner == owner)
+                     .values(lease_owner=None, lease_until=None))
+        return
+    ids = sorted(ids)
+    for start in range(0, len(ids), ID_CHUNK):
+        conn.execute(deliveries.update().where(deliveries.c.id.in_(ids[start:start + ID_CHUNK]),
+                                               deliveries.c.lease_owner == owner)
+                     .values(lease_owner=None, lease_until=None))
 
 
 def next_wakeup(conn: Connection, now: float) -> float | None:

@@ -178,3 +178,34 @@ def test_a_lease_held_by_a_dead_dispatcher_is_taken_over_after_it_expires(world)
     clock.now += 61
     assert asyncio.run(second.drain()).claimed == 2
     assert {r["state"] for r in deliveries(world, message).values()} == {"sent"}
+
+
+def _leases(world):
+    with world["engine"].connect() as conn:
+        return conn.execute(sa.select(storage.deliveries.c.id, storage.deliveries.c.lease_owner,
+                                      storage.deliveries.c.state)).all()
+
+
+def test_a_claim_lost_before_sending_is_given_back_at_the_next_pass_not_renewed(world, monkeypatch):
+    message = post(world)
+    dispatcher, providers = make_dispatcher(world, Clock())
+    real_load = storage.load_claimed
+
+    def database_gone(conn, ids):  # the claim committed; the database fails before the batch is read
+        raise sa.exc.OperationalError("SELECT ...", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(storage, "load_claimed", database_gone)
+    with pytest.raises(sa.exc.OperationalError):
+        asyncio.run(dispatcher.drain())
+    assert {owner for _, owner, _ in _leases(world)} == {"test-owner"}  # leased to us, not in flight
+    assert dispatcher.in_flight == set()
+    with dispatcher.writer.begin() as conn:  # what the heartbeat renews: nothing of a lost batch
+        assert storage.renew_leases(conn, dispatcher.owner, set(dispatcher.in_flight), T0 + 600) == 0
+
+    monkeypatch.setattr(storage, "load_claimed", real_load)
+    tally = asyncio.run(dispatcher.drain())  # the database is back
+
+    assert tally.claimed == 2  # given back first, then claimed and sent at once, not after PUSH_LEASE
+    assert {r["state"] for r in deliveries(world, message).values()} == {"sent"}
+    assert {owner for _, owner, _ in _leases(world)} == {None}
+    assert len(providers[Platform.APNS].sent) == len(providers[Platform.FCM].sent) == 1

@@ -754,3 +754,19 @@ def test_sqlite_commits_leave_the_wal_for_checkpoint_to_copy_outside_the_write_q
     storage.checkpoint(engine)
     assert users_in_the_database_file() == 50
     engine.dispose()
+
+
+def test_renew_leases_extends_only_the_given_deliveries_of_their_owner(engine, world):
+    post(engine, world)
+    expand_all(engine)
+    first, second = (c.push.delivery_id for c in claim(engine, "d1", NOW))
+
+    with write(engine) as conn:
+        assert storage.renew_leases(conn, "d1", {first}, NOW + 500) == 1
+        assert storage.renew_leases(conn, "d2", {second}, NOW + 500) == 0  # not d2's
+
+    until = {d.id: d.lease_until for d in rows(engine, storage.deliveries)}
+    assert until == {first: NOW + 500, second: NOW + LEASE}
+    with write(engine) as conn:
+        storage.release_leases(conn, "d1", {second})
+    assert {d.id: d.lease_owner for d in rows(engine, storage.deliveries)} == {first: "d1", second: None}
