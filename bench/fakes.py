@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from notifier.process import lower_priority
+
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "com.example.chat"
 KEY_ID = "KEYID12345"
@@ -82,6 +84,7 @@ class FakeProcess:
              "--tls-dir", str(self.tls_dir), "--max-streams", str(self.max_streams)],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.directory / "stderr.log", "ab"),
             text=True, bufsize=1,
+            start_new_session=True,  # a scheduler autogroup of its own, where its low priority counts
         )
         line = self.process.stdout.readline()
         if not line:
@@ -177,8 +180,9 @@ def _main(argv=None) -> int:
     parser.add_argument("--max-streams", type=int, default=1000)
     args = parser.parse_args(argv)
     # the fakes stand in for Apple's and Google's servers, which do not share the service's CPU in
-    # production: they take what the service under test leaves
-    os.nice(FAKE_NICE)
+    # production: they take what the service under test leaves. In their own session (see start()),
+    # so the autogroup's nice is lowered too, as the dispatcher does (notifier.process.lower_priority)
+    lower_priority(FAKE_NICE)
     marks = Marks()
     fake, info = (_start_apns if args.kind == "apns" else _start_fcm)(args, marks)
     info["pid"] = os.getpid()

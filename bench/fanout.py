@@ -19,7 +19,7 @@ from bench.env import BenchEnv, delivery_states, dispatcher_pid, wait_drained
 from bench.loadgen import post_bytes, request
 from bench.procs import CpuMeter
 from notifier.config import Settings
-from notifier.process import DISPATCHER_NICE
+from notifier.process import DISPATCHER_NICE, lower_priority
 from tests.e2e import apns_token
 
 NAME = "fanout"
@@ -145,6 +145,13 @@ def _median_run(rows: list[dict]) -> dict:
     return {**ordered[len(ordered) // 2], "runs": len(rows), "rates": [round(r["rate"]) for r in rows]}
 
 
+def _at_dispatcher_priority() -> None:
+    """The ceiling's child: its own session (so its own scheduler autogroup), at the dispatcher's
+    priority, exactly as notifier.process puts the PushProcess."""
+    os.setsid()
+    lower_priority(DISPATCHER_NICE)
+
+
 _PREPARED: dict = {}  # scenario -> (APNs requests, FCM bodies), set before the ceiling's child forks
 
 
@@ -188,7 +195,7 @@ class Ceilings:
         _PREPARED.clear()
         _PREPARED.update(self.requests)  # the forked child finds them here: nothing big is pickled
         self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
-                                        initializer=os.nice, initargs=(DISPATCHER_NICE,))
+                                        initializer=_at_dispatcher_priority)
         self.pool.submit(_ceiling_in_child, "warm-up", self.apns_args, self.fcm_args).result()
 
     def run(self, scenario: str) -> dict:
