@@ -222,16 +222,18 @@ class Writer:
     def __init__(self, engine: Engine):
         self.engine = engine.execution_options(write=True)
         database = engine.url.database if engine.dialect.name == "sqlite" else None
-        self._queue = _write_queue(database) if database and database != ":memory:" else None
+        self._database = database if database and database != ":memory:" else None
 
     @contextlib.contextmanager
     def begin(self):
         """A write transaction, committed on leaving the block (rolled back on an exception)."""
-        if self._queue is None:
+        if self._database is None:
             with self.engine.begin() as conn:
                 yield conn
             return
-        with self._queue:
+        # looked up on every transaction: a Writer made before a fork (uWSGI preloads the app in
+        # its master) must queue with the current process's own open file, not the master's
+        with _write_queue(self._database):
             with self.engine.begin() as conn:
                 yield conn
 

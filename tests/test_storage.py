@@ -770,3 +770,37 @@ def test_renew_leases_extends_only_the_given_deliveries_of_their_owner(engine, w
     with write(engine) as conn:
         storage.release_leases(conn, "d1", {second})
     assert {d.id: d.lease_owner for d in rows(engine, storage.deliveries)} == {first: "d1", second: None}
+
+
+def test_a_writer_made_before_a_fork_queues_with_the_childs_own_lock_file(tmp_path):
+    import ctypes
+    import select
+
+    engine = storage.make_engine(f"sqlite:///{tmp_path}/early.sqlite3")
+    storage.create_schema(engine)
+    early = storage.writer(engine)  # as the app made in uWSGI's master, before the workers fork
+    read_end, write_end = os.pipe()
+    with storage._write_queue(str(tmp_path / "early.sqlite3")):
+        pid = ctypes.PyDLL(None).fork()
+        if pid == 0:  # the child writes through the Writer it inherited
+            try:
+                with early.begin() as conn:
+                    conn.execute(sa.select(1))
+                    os.write(write_end, b"in")
+            finally:
+                os._exit(0)
+        try:
+            ready, _, _ = select.select([read_end], [], [], 0.3)
+            assert ready == [], "the child's inherited Writer used the parent's open file"
+        except BaseException:
+            os.kill(pid, 9)
+            raise
+    try:
+        ready, _, _ = select.select([read_end], [], [], 10)
+        assert ready == [read_end] and os.read(read_end, 2) == b"in"
+    finally:
+        os.kill(pid, 9)  # a no-op on an exited child; a stuck one must not outlive the test
+        os.waitpid(pid, 0)
+        os.close(read_end)
+        os.close(write_end)
+    engine.dispose()
