@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from chat_app.app import create_app
 from notifier import storage
 from notifier.config import Settings
+from tests.e2e import running_fakes
 from tests.fakes.apns import APNsFake
 from tests.fakes.fcm import FCMFake, point_pyfcm_at
 from tests.fakes.tls import TLSMaterial, make_apns_key, make_service_account, make_tls_material
@@ -160,3 +161,10 @@ def make_chat(app: ContractTestApp):
         body = {"name": name, "member_ids": [member.id for member in members]}
         return app.post_json("/v1/chats", body, headers=creator.headers, status=201).json
     return make_chat
+
+
+@pytest.fixture
+def fakes(tmp_path: Path):
+    """Both protocol fakes for a test's uWSGI servers (tests.e2e.running_fakes), stopped at the end."""
+    with running_fakes(tmp_path / "fakes") as fakes:
+        yield fakes

@@ -3,16 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e import TOPIC, apns_token, delivery_states, make_chat, post_message, running_fakes, wait_complete
+from tests.e2e import TOPIC, apns_token, delivery_states, make_chat, post_message, wait_complete
 from tests.harness import UwsgiServer
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def fakes(tmp_path):
-    with running_fakes(tmp_path / "fakes") as fakes:
-        yield fakes
 
 
 @pytest.fixture

@@ -14,17 +14,11 @@ import pytest
 import sqlalchemy as sa
 
 from notifier import storage
-from tests.e2e import add_bulk_member, apns_token, make_chat, post_message, running_fakes, wait_complete
+from tests.e2e import add_bulk_member, apns_token, make_chat, post_message, wait_complete
 from tests.harness import UwsgiServer, wait_until
 from tests.pg import TempPostgres, require_postgres, temporary_database
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-def fakes(tmp_path):
-    with running_fakes(tmp_path / "fakes") as fakes:
-        yield fakes
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import add_bulk_member, apns_token, delivery_states, make_chat, post_message, running_fakes, wait_complete
+from tests.e2e import add_bulk_member, apns_token, delivery_states, make_chat, post_message, wait_complete
 from tests.harness import UwsgiServer, pid_alive, port_is_free, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -20,12 +20,6 @@ pytestmark = pytest.mark.timeout(180)
 SLOW = {"PUSH_CONCURRENCY": "4", "PUSH_BATCH": "20"}
 SLOW_DELAY = 0.25
 SLOW_DEVICES = 80  # 80 / 4 * 0.25 s = 5 s of fan-out, at least
-
-
-@pytest.fixture
-def fakes(tmp_path):
-    with running_fakes(tmp_path / "fakes") as fakes:
-        yield fakes
 
 
 @pytest.fixture

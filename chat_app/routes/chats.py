@@ -21,6 +21,15 @@ def load_chat_as_member(ctx, conn, chat_id: str, user_id: int):
     return chat
 
 
+def member_caller(ctx, chat_id: str) -> dict:
+    """The authenticated caller, checked in a short read to be a member of the chat (401, 404 or
+    403 otherwise): what a route that writes to a chat establishes before it reads the body."""
+    with ctx.read() as conn:
+        user = ctx.user(conn)
+        load_chat_as_member(ctx, conn, chat_id, user["id"])
+    return user
+
+
 def chat_body(conn, chat) -> dict:
     """The API's representation of a chat with its members."""
     return {"id": chat.id, "name": chat.name, "members": storage.chat_members(conn, chat.id)}
@@ -60,9 +69,7 @@ def register(app, ctx) -> None:
 
     @app.post("/v1/chats/<chat_id:id>/members")
     def add_member(chat_id):
-        with ctx.read() as conn:
-            user = ctx.user(conn)
-            load_chat_as_member(ctx, conn, chat_id, user["id"])
+        user = member_caller(ctx, chat_id)
         body = validation.read_json_object(request, ctx.max_body)
         new_id = validation.integer_id(body, "user_id")
         with ctx.write() as conn:
@@ -89,9 +96,7 @@ def register(app, ctx) -> None:
 
     @app.put("/v1/chats/<chat_id:id>/mute")
     def mute(chat_id):
-        with ctx.read() as conn:
-            user = ctx.user(conn)
-            load_chat_as_member(ctx, conn, chat_id, user["id"])
+        user = member_caller(ctx, chat_id)
         body = validation.read_json_object(request, ctx.max_body)
         until = validation.timestamp_or_null(body, "until")
         with ctx.write() as conn:

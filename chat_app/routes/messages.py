@@ -8,7 +8,7 @@ from bottle import request, response
 
 from chat_app import validation
 from chat_app.errors import forbidden, not_found
-from chat_app.routes.chats import load_chat_as_member
+from chat_app.routes.chats import load_chat_as_member, member_caller
 from notifier import storage
 from notifier.model import FINAL_STATES, DeliveryState
 
@@ -20,9 +20,7 @@ def register(app, ctx) -> None:
 
     @app.post("/v1/chats/<chat_id:id>/messages")
     def post_message(chat_id):
-        with ctx.read() as conn:
-            user = ctx.user(conn)
-            load_chat_as_member(ctx, conn, chat_id, user["id"])
+        user = member_caller(ctx, chat_id)
         body = validation.read_json_object(request, ctx.max_body)
         text = validation.text(body, "text", 4000)
         client_id = validation.text(body, "client_id", 64, required=False)
