@@ -11,7 +11,7 @@ import os
 import sys
 
 from notifier.config import ConfigError, load_settings
-from notifier.process import close_inherited_sockets, run_dispatcher
+from notifier.process import close_inherited_sockets, run_dispatcher, set_title
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    set_title()
     close_inherited_sockets()  # a daemon started by uWSGI's master inherits its listening socket
     if args.pidfile:
         with open(args.pidfile, "w") as handle:

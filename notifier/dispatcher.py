@@ -1,7 +1,7 @@
-"""The dispatcher loop: claim from the outbox, send through the providers, record every outcome.
+"""The dispatcher: claim from the outbox, send through the providers, record every outcome.
 
 The one place that wires the outbox (storage), the providers and the retry policy together.
-It runs inside PushProcess (on demand) or `python -m notifier` (supervised); both call serve().
+`notifier.runner.Runner` drives it (inside PushProcess on demand, or `python -m notifier`).
 Database calls are blocking SQLAlchemy calls made on a worker thread, so the event loop keeps
 every provider stream moving while a batch is being claimed or recorded.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,15 +17,13 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from notifier import storage
-from notifier.config import Settings, resolve_database_url
-from notifier.metrics import HEARTBEAT_INTERVAL, DispatcherMetrics
+from notifier.config import Settings
+from notifier.metrics import DispatcherMetrics
 from notifier.model import DeliveryState, Outcome, Platform, Result
 from notifier.retry import RetryPolicy
-from notifier.waker import nudge, socket_name
 
 logger = logging.getLogger(__name__)
 
-POLL_INTERVAL = 1.0      # safety net: look at the outbox at least this often, nudged or not
 AUTH_PAUSE = 30.0        # how long a provider that rejected our credentials is left alone
 LANES = 2                # batches in flight at once: one lane's DB work overlaps the other's sends
 SEND_TIMEOUT = 30.0      # a provider call that takes longer counts as a transient failure
@@ -72,7 +69,7 @@ class Dispatcher:
         self.in_flight: set[int] = set()
         self._lost: set[int] = set()
 
-    async def _db(self, call, *args):
+    async def db(self, call, *args):
         """Run a blocking database call of the send path.
 
         PostgreSQL: on a worker thread, so the event loop keeps the provider streams moving while
@@ -92,10 +89,10 @@ class Dispatcher:
         tally = Tally()
         if self._lost:  # nothing of ours is in flight between passes: give lost claims back
             lost = set(self._lost)
-            await self._db(self._release, lost)
+            await self.db(self._release, lost)
             self._lost -= lost
         size = min(FIRST_BATCH, self.settings.push_batch)  # small first: the first pushes leave at once
-        first = await self._db(self._claim, size)
+        first = await self.db(self._claim, size)
         if not first:
             return tally
         lanes = [self._lane(tally, first, size)]
@@ -116,7 +113,7 @@ class Dispatcher:
             if claimed is None:
                 if self.stopping:
                     return
-                claimed = await self._db(self._claim, size)
+                claimed = await self.db(self._claim, size)
                 if not claimed:
                     return
             tally.claimed += len(claimed)
@@ -160,7 +157,7 @@ class Dispatcher:
         deadline = time.monotonic() + self.settings.push_lease
         while True:
             try:
-                await self._db(self._record, updates, dead_devices)
+                await self.db(self._record, updates, dead_devices)
                 return
             except sa.exc.DBAPIError as exc:
                 if time.monotonic() > deadline:
@@ -267,170 +264,3 @@ class Dispatcher:
         if ids:
             with self.writer.begin() as conn:
                 storage.release_leases(conn, self.owner, ids)
-
-
-# ------------------------------------------------------------------------- the serving loop
-
-class Listener:
-    """The abstract wake-up socket: holding it means 'this host's dispatcher'."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.sock: socket.socket | None = None
-
-    def bind(self) -> bool:
-        """Take the name; False when another dispatcher holds it."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            sock.bind(socket_name(self.settings))
-        except OSError:
-            sock.close()
-            return False
-        sock.setblocking(False)
-        self.sock = sock
-        return True
-
-    def drain_nudges(self) -> None:
-        """Discard queued nudges: one look at the outbox answers them all."""
-        while self.sock is not None:
-            try:
-                self.sock.recv(64)
-            except (BlockingIOError, OSError):
-                return
-
-    def close(self) -> None:
-        """Free the name, so the next wake-up starts a new dispatcher."""
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-
-async def serve(settings: Settings, idle_exit: float | None, stop: asyncio.Event | None = None) -> int:
-    """Run the dispatcher until stopped, or idle for `idle_exit` seconds (None: never). Returns an exit code."""
-    from notifier.providers import build_providers
-
-    listener = Listener(settings)
-    if not listener.bind():
-        # another dispatcher serves this host; make sure it looks at what our starter committed
-        nudge(settings)
-        logger.info("notifier: a dispatcher is already running on this host; exiting")
-        return 0
-    loop = asyncio.get_running_loop()
-    stop = stop or asyncio.Event()
-    woken = asyncio.Event()
-
-    def on_nudge():
-        listener.drain_nudges()
-        woken.set()
-
-    engine = storage.make_engine(resolve_database_url(settings.database_url))
-    providers = build_providers(settings)
-    dispatcher = Dispatcher(settings, engine, providers, DispatcherMetrics(settings))
-    with dispatcher.writer.begin() as conn:
-        registry_id = storage.register_dispatcher(conn, settings.push_host_id, os.getpid(), time.time())
-    logger.info("notifier: dispatcher %s started (pid %d)", dispatcher.owner, os.getpid())
-    heartbeat = asyncio.create_task(_heartbeat(dispatcher, registry_id))
-    loop.add_reader(listener.sock.fileno(), on_nudge)
-    notifications = (asyncio.create_task(_listen_for_jobs(settings.database_url, woken))
-                     if engine.dialect.name == "postgresql" else None)
-    stop_waiter = asyncio.create_task(stop.wait())
-    # a stop lets the lanes finish the batch in hand, then they claim nothing more
-    stop_waiter.add_done_callback(lambda _: setattr(dispatcher, "stopping", True))
-    last_work = time.monotonic()
-    try:
-        while not stop.is_set():
-            woken.clear()
-            try:
-                tally = await dispatcher.drain()
-                due = None if tally.claimed else await asyncio.to_thread(dispatcher.next_wakeup)
-            except sa.exc.DBAPIError as exc:
-                # the database restarts or is unreachable: the outbox is safe in it; wait and resume
-                logger.warning("notifier: database unavailable (%s); retrying in %.1f s",
-                               type(exc.orig).__name__, POLL_INTERVAL)
-                last_work = time.monotonic()  # an outage is not idleness
-                await asyncio.wait({stop_waiter}, timeout=POLL_INTERVAL)
-                continue
-            if tally.claimed:
-                last_work = time.monotonic()
-                logger.info("notifier: sent batch: %d deliveries %s", tally.claimed, tally.by_outcome)
-                continue
-            idle_for = time.monotonic() - last_work
-            if due is None and idle_exit is not None and idle_for >= idle_exit:
-                loop.remove_reader(listener.sock.fileno())
-                listener.close()
-                # a message committed before we closed is visible now; one committed after will
-                # find no listener and start a new dispatcher
-                if await asyncio.to_thread(dispatcher.next_wakeup) is None or not listener.bind():
-                    break
-                loop.add_reader(listener.sock.fileno(), on_nudge)
-                continue
-            timeout = POLL_INTERVAL
-            if due is not None:
-                timeout = max(0.0, min(timeout, due - time.time()))
-            if idle_exit is not None:
-                timeout = min(timeout, max(0.0, idle_exit - idle_for))
-            woken_waiter = asyncio.create_task(woken.wait())
-            await asyncio.wait({woken_waiter, stop_waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            woken_waiter.cancel()
-    finally:
-        dispatcher.stopping = True
-        if listener.sock is not None:
-            loop.remove_reader(listener.sock.fileno())
-            listener.close()
-        stop_waiter.cancel()
-        heartbeat.cancel()
-        if notifications is not None:
-            notifications.cancel()
-        await asyncio.gather(*(p.close() for p in providers.values()), return_exceptions=True)
-        try:
-            await asyncio.to_thread(dispatcher.release)
-            with dispatcher.writer.begin() as conn:
-                storage.heartbeat(conn, registry_id, time.time(), stopped=True)
-        except Exception:  # noqa: BLE001 - the database may be gone; leases then expire by themselves
-            logger.exception("notifier: could not release leases on exit; they expire in %.0f s",
-                             settings.push_lease)
-        engine.dispose()
-        logger.info("notifier: dispatcher %s stopped", dispatcher.owner)
-    return 0
-
-
-async def _listen_for_jobs(database_url: str, woken: asyncio.Event) -> None:
-    """PostgreSQL LISTEN: wake up for messages committed on any host. Reconnects forever; the
-    periodic look at the outbox covers the gaps."""
-    import psycopg
-
-    dsn = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    while True:
-        try:
-            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-                await conn.execute(f"LISTEN {storage.NOTIFY_CHANNEL}")
-                woken.set()  # anything committed while we were not listening
-                async for _ in conn.notifies():
-                    woken.set()
-        except psycopg.Error as exc:
-            logger.warning("notifier: LISTEN connection lost (%s); reconnecting", type(exc).__name__)
-            await asyncio.sleep(POLL_INTERVAL)
-
-
-async def _heartbeat(dispatcher: Dispatcher, registry_id: int) -> None:
-    """Mark us alive, and renew our leases well before they expire: a batch may take longer
-    to send than a lease lasts, and must not be claimed again by another lane or host meanwhile."""
-    lease = dispatcher.settings.push_lease
-    interval = min(HEARTBEAT_INTERVAL, lease / 3)
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            # like every write of the send path: on SQLite on this thread (a worker thread fighting
-            # the busy event loop for the GIL held the write queue 35-60 ms for this 1 ms update)
-            await dispatcher._db(_beat, dispatcher, registry_id, lease)
-            # SQLite's WAL, copied back while nobody waits for it: outside the queue, off the loop
-            await asyncio.to_thread(storage.checkpoint, dispatcher.engine)
-        except Exception:  # noqa: BLE001 - leases then expire and the work is taken over, at least once
-            logger.warning("notifier: heartbeat failed", exc_info=True)
-
-
-def _beat(dispatcher: Dispatcher, registry_id: int, lease: float) -> None:
-    now = dispatcher.clock()
-    with dispatcher.writer.begin() as conn:
-        storage.heartbeat(conn, registry_id, now)
-        storage.renew_leases(conn, dispatcher.owner, set(dispatcher.in_flight), now + lease)

@@ -6,8 +6,11 @@ by it (daemon=True); see shared/UWSGI.md for the measurements. This subclass und
 - the parent forgets it (forget()), so the worker's atexit neither joins nor terminates it; the
   Waker keeps it and reaps it with is_alive() on later requests;
 - run() starts a new session, ignores the signals a uWSGI worker's children must not act on,
-  installs its own SIGTERM/SIGINT handling, and closes every socket it inherited.
-The outbox, not this process, is what makes pushes durable: if it dies, its leases expire.
+  installs its own SIGTERM/SIGINT handling, and closes every socket it inherited;
+- the parent closes its SQLite connections before the fork (Waker.start), so no SQLite state
+  crosses it (notifier.storage.close_sqlite_before_fork says why that matters).
+The outbox, not this process, is what makes pushes durable: if it dies, the next dispatcher of
+this host takes its leases over.
 """
 from __future__ import annotations
 
@@ -19,10 +22,18 @@ import os
 import signal
 import stat
 
-from notifier.config import Settings
+import setproctitle
+
+from notifier import storage
+from notifier.config import Settings, resolve_database_url
+from notifier.metrics import DispatcherMetrics
+from notifier.providers import build_providers
+from notifier.runner import Runner
+from notifier.wakeup import Listener
 
 logger = logging.getLogger(__name__)
 
+PROCESS_TITLE = "chat-notifier"  # what ps and top show, instead of the uWSGI worker it was forked from
 DISPATCHER_NICE = 10  # CPU priority below the uWSGI workers (a supervised `python -m notifier`: its supervisor's)
 
 
@@ -40,9 +51,21 @@ class PushProcess(multiprocessing.Process):
 
     def run(self) -> None:
         """The child's entry point."""
+        set_title()
         detach_from_server()
         lower_priority()
         raise SystemExit(run_dispatcher(self.settings, idle_exit=self.settings.push_idle_exit))
+
+
+def set_title(title: str = PROCESS_TITLE) -> None:
+    """Show as `title` in ps and top, not as the uWSGI worker we were forked from."""
+    setproctitle.setproctitle(title)  # argv (ps aux) where Python owns it
+    setproctitle.setthreadtitle(title)  # the main thread's name is the process's (top, ps -e, pgrep)
+    try:
+        import uwsgi  # provided only inside uWSGI's embedded interpreter, which owns argv there
+    except ImportError:
+        return
+    uwsgi.setprocname(title)
 
 
 def detach_from_server() -> None:
@@ -91,19 +114,22 @@ def close_inherited_sockets() -> None:
 
 
 def run_dispatcher(settings: Settings, idle_exit: float | None) -> int:
-    """Serve until idle (on demand) or until SIGTERM/SIGINT (both modes). Returns an exit code."""
-    from notifier.dispatcher import serve
-
+    """Serve until idle (on demand) or until stopped: SIGTERM/SIGINT once for a warm stop (finish
+    the batches in hand), twice to stop at once. Returns an exit code."""
     async def main() -> int:
-        stop = asyncio.Event()
+        engine = storage.make_engine(resolve_database_url(settings.database_url))
+        runner = Runner(settings, engine, lambda: build_providers(settings), Listener(settings),
+                        metrics=DispatcherMetrics(settings), idle_exit=idle_exit)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            # first signal: finish the batch in hand and release the rest; leases cover a crash
-            loop.add_signal_handler(sig, stop.set)
-        return await serve(settings, idle_exit=idle_exit, stop=stop)
+            loop.add_signal_handler(sig, runner.request_stop)
+        try:
+            return await runner.run()
+        finally:
+            engine.dispose()
 
     try:
         return asyncio.run(main())
-    except Exception:  # noqa: BLE001 - log, then let the outbox's leases hand the work on
+    except Exception:  # noqa: BLE001 - log; the next dispatcher of this host takes the leases over
         logger.exception("notifier: dispatcher crashed")
         return 1
