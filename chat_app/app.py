@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from bottle import Bottle, HTTPResponse, request
 
 from chat_app.errors import ApiError, error_body, error_response, internal_error_response
-from notifier import storage
+from notifier import Waker, storage
 from notifier.config import Settings, resolve_database_url
 
 logger = logging.getLogger(__name__)
@@ -65,12 +65,12 @@ def create_app(settings: Settings, wake: Callable[[], None] | None = None,
     engine.dispose()  # uWSGI may fork workers from here: let each open its own connections
     app = Bottle(catchall=True, autojson=True)
     if wake is None:
-        from notifier import Waker
-        waker = Waker(settings)
+        waker = Waker(settings, engine)
         wake = waker.wake
         # a dispatcher this worker started and that has exited is reaped on the next request,
         # whatever its route, so it never lingers as a zombie
         app.add_hook("after_request", waker.reap)
+        app.config["chat.waker"] = waker  # the WSGI entry point runs its watchdog on a timer
     ctx = Context(engine=engine, settings=settings, wake=wake)
 
     app.config["chat.context"] = ctx

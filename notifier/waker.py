@@ -1,19 +1,22 @@
-"""Waking this host's dispatcher from a request handler: a nudge if one lives, else a new PushProcess.
+"""Waking this host's dispatcher from the web layer: a nudge if one lives, else a new PushProcess;
+and a watchdog that starts one whenever work is pending and none lives.
 
-The dispatcher binds an abstract-namespace Unix datagram socket whose name is derived from the
-database and the host id. That one socket is both the wake-up channel and the "one dispatcher per
-host" lock: only one process can bind a name, and the kernel frees it the instant the holder dies,
-even on SIGKILL, so no stale pidfile or lock file can ever block a restart.
+A nudge alone can be lost: a dispatcher that was killed a moment ago may still hold the host's
+name (its files are not closed yet), or be finishing its last batch before a stop, and take the
+datagram with it. The outbox keeps the work; what is lost is only the wake-up. So every second
+the watchdog (a uWSGI timer, chat_app.wsgi) asks: does anyone hold the name, and is anything
+pending? If nobody and something, it starts a dispatcher, which takes the dead one's leases over
+at once. A message is therefore picked up within about a second whatever the dispatcher's state.
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import logging
-import socket
 import time
 
-from notifier.config import Settings, resolve_database_url
+from notifier import storage
+from notifier.config import Settings
+from notifier.process import PushProcess
+from notifier.wakeup import nudge, someone_listens
 
 logger = logging.getLogger(__name__)
 
@@ -21,38 +24,16 @@ logger = logging.getLogger(__name__)
 STARTUP_GRACE = 5.0
 
 
-def socket_name(settings: Settings) -> bytes:
-    """The abstract socket name of the dispatcher serving this database on this host."""
-    key = f"{resolve_database_url(settings.database_url)}|{settings.push_host_id}"
-    return b"\0chat-notifier-" + hashlib.sha256(key.encode()).hexdigest()[:24].encode()
-
-
-def nudge(settings: Settings) -> bool:
-    """Tell a live dispatcher there is work; False when none is listening on this host."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        try:
-            sock.sendto(b"!", socket_name(settings))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        except BlockingIOError:
-            return True  # its queue is full of nudges already: it is alive and has been told
-        except OSError as exc:
-            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                return False
-            raise
-    return True
-
-
 class Waker:
-    """Called after a message commits: nudges the live dispatcher or starts one.
+    """Called after a message commits (wake) and by the watchdog timer (watch).
 
     Keeps the processes it started, so it can reap them (`is_alive()` waits on exited children)
     and does not start a second one while the first is still binding its socket.
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, engine=None):
         self.settings = settings
+        self.engine = engine  # for the watchdog's look at the outbox
         self._started: dict = {}  # process -> start time
 
     def reap(self) -> None:
@@ -65,18 +46,39 @@ class Waker:
 
     def wake(self) -> None:
         """Make sure a dispatcher will look at the outbox soon. O(1), never waits for the fan-out."""
-        now = time.monotonic()
         self.reap()
         if nudge(self.settings):
             return
         if self.settings.push_dispatcher == "external":
             logger.debug("notifier: no dispatcher listening; the supervised one will poll the outbox")
             return
-        if any(now - t < STARTUP_GRACE for t in self._started.values()):
-            return  # ours is starting; it claims everything committed when it begins
-        from notifier.process import PushProcess
+        self.start()
 
+    def watch(self) -> None:
+        """The watchdog's tick: start a dispatcher if none holds the name and work is pending."""
+        self.reap()
+        if self.settings.push_dispatcher == "external" or self._starting() or someone_listens(self.settings):
+            return
+        with self.engine.connect() as conn:
+            if not storage.work_pending(conn):
+                return
+        logger.info("notifier: work is pending and no dispatcher runs on this host; starting one")
+        self.start()
+
+    def start(self) -> None:
+        """Start a PushProcess, unless one we started is still starting, or the fork is not clean."""
+        if self._starting():
+            return  # ours is starting; it claims everything committed when it begins
+        if not storage.close_sqlite_before_fork():
+            # a SQLite connection of this process is in use (never expected between requests): a
+            # fork now would carry its state; the watchdog tries again within a second
+            logger.warning("notifier: a database connection is in use; not forking a dispatcher now")
+            return
         process = PushProcess(self.settings)
         process.start()
         process.forget()
-        self._started[process] = now
+        self._started[process] = time.monotonic()
+
+    def _starting(self) -> bool:
+        now = time.monotonic()
+        return any(now - t < STARTUP_GRACE and p.is_alive() for p, t in self._started.items())
