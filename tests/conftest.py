@@ -16,6 +16,7 @@ from chat_app.app import create_app
 from notifier import storage
 from notifier.config import Settings
 from tests.e2e import running_fakes
+from tests.harness import UwsgiServer
 from tests.fakes.apns import APNsFake
 from tests.fakes.fcm import FCMFake, point_pyfcm_at
 from tests.fakes.tls import TLSMaterial, make_apns_key, make_service_account, make_tls_material
@@ -168,3 +169,19 @@ def fakes(tmp_path: Path):
     """Both protocol fakes for a test's uWSGI servers (tests.e2e.running_fakes), stopped at the end."""
     with running_fakes(tmp_path / "fakes") as fakes:
         yield fakes
+
+
+@pytest.fixture
+def servers(tmp_path):
+    """Servers started by a test, all closed (uWSGI and dispatchers) at the end."""
+    started = []
+
+    def start(fakes, env=None, args=(), workers=4, database_url=None):
+        server = UwsgiServer(tmp_path / f"server{len(started)}", env={**fakes.env, **(env or {})}, args=args,
+                             workers=workers, database_url=database_url)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import add_bulk_member, apns_token, delivery_states, make_chat, post_message, wait_complete
-from tests.harness import UwsgiServer, pid_alive, port_is_free, wait_until
+from tests.harness import pid_alive, port_is_free, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -20,22 +20,6 @@ pytestmark = pytest.mark.timeout(180)
 SLOW = {"PUSH_CONCURRENCY": "4", "PUSH_BATCH": "20"}
 SLOW_DELAY = 0.25
 SLOW_DEVICES = 80  # 80 / 4 * 0.25 s = 5 s of fan-out, at least
-
-
-@pytest.fixture
-def servers(tmp_path):
-    """Servers started by a test, all closed (uWSGI and dispatchers) at the end."""
-    started = []
-
-    def start(fakes, env=None, args=(), workers=4, database_url=None):
-        server = UwsgiServer(tmp_path / f"server{len(started)}", env={**fakes.env, **(env or {})}, args=args,
-                             workers=workers, database_url=database_url)
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        server.close()
 
 
 def slow_chat(server, fakes, devices=SLOW_DEVICES):
