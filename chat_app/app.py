@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from bottle import Bottle, HTTPResponse, request
 
 from chat_app.errors import ApiError, error_body, error_response, internal_error_response
+from chat_app.routes import chats, devices, messages, ops, users
 from notifier import Waker, storage
 from notifier.config import Settings, resolve_database_url
 
@@ -58,8 +59,6 @@ class Context:
 def create_app(settings: Settings, wake: Callable[[], None] | None = None,
                engine: sa.Engine | None = None) -> Bottle:
     """Build the app; creates the schema if needed. `wake` defaults to the notifier's waker."""
-    from chat_app.routes import chats, devices, messages, ops, users
-
     engine = engine or storage.make_engine(resolve_database_url(settings.database_url))
     storage.create_schema(engine)
     engine.dispose()  # uWSGI may fork workers from here: let each open its own connections

@@ -30,50 +30,17 @@ first ``send``.
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import asyncio
 
 from notifier.config import Settings
-from notifier.model import Platform, Push, Result
+from notifier.model import Platform
+from notifier.providers.apns import APNsProvider
+from notifier.providers.base import Provider, shorten_token, tls_context
+from notifier.providers.dryrun import DryRunProvider
+from notifier.providers.fcm import FCMProvider
+from notifier.retry import RetryPolicy
 
 __all__ = ["Provider", "build_providers", "check_configuration", "shorten_token", "tls_context"]
-
-
-@runtime_checkable
-class Provider(Protocol):
-    """What the dispatcher needs from a push provider."""
-
-    platform: Platform
-
-    async def send(self, push: Push) -> Result:
-        """Send one push; return its classified Result. Never raises for provider or network errors."""
-
-    async def close(self) -> None:
-        """Release connections and threads."""
-
-
-def shorten_token(token: str | None) -> str:
-    """A push token fit for logs: its first 8 characters and "…"."""
-    if not token:
-        return "<none>"
-    return token[:8] + "…"
-
-
-def tls_context(ca_file: str | None, alpn: list[str] | None = None):
-    """An SSLContext trusting the system CAs plus PUSH_CA_FILE (proxies, tests), with optional ALPN."""
-    import ssl
-
-    from notifier.config import ConfigError
-
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if ca_file:
-        try:
-            context.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise ConfigError(f"PUSH_CA_FILE: cannot load CA certificates from {ca_file} "
-                              f"({type(exc).__name__})") from None
-    if alpn:
-        context.set_alpn_protocols(alpn)
-    return context
 
 
 def build_providers(settings: Settings) -> dict[Platform, Provider]:
@@ -82,18 +49,12 @@ def build_providers(settings: Settings) -> dict[Platform, Provider]:
     Raises ConfigError (naming the variable) when a configured platform's
     credentials are unusable.
     """
-    # imported here: the real providers pull in aioapns / pyfcm, which a dry-run
-    # deployment (or the web layer) does not need at import time
-    from notifier.providers.dryrun import DryRunProvider
-
     providers: dict[Platform, Provider] = {}
     if settings.apns_configured:
-        from notifier.providers.apns import APNsProvider
         providers[Platform.APNS] = APNsProvider(settings)
     else:
         providers[Platform.APNS] = DryRunProvider(Platform.APNS, settings)
     if settings.fcm_configured:
-        from notifier.providers.fcm import FCMProvider
         providers[Platform.FCM] = FCMProvider(settings)
     else:
         providers[Platform.FCM] = DryRunProvider(Platform.FCM, settings)
@@ -103,10 +64,6 @@ def build_providers(settings: Settings) -> dict[Platform, Provider]:
 def check_configuration(settings: Settings) -> None:
     """Build the providers once and close them, so a bad key or service account stops the
     service's start-up (naming the variable) instead of surfacing later in the dispatcher."""
-    import asyncio
-
-    from notifier.retry import RetryPolicy
-
     RetryPolicy.from_settings(settings)
     providers = build_providers(settings)
 

@@ -101,7 +101,7 @@ from notifier.classify import (
 from notifier.config import ConfigError, Settings
 from notifier.model import Outcome, Platform, Push, Result
 from notifier.payload import apns_collapse_id, apns_id, apns_payload
-from notifier.providers import shorten_token, tls_context
+from notifier.providers.base import shorten_token, tls_context
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import logging
 from notifier.config import Settings
 from notifier.model import Outcome, Platform, Push, Result
 from notifier.payload import apns_collapse_id, apns_id, apns_payload, fcm_message
-from notifier.providers import shorten_token
+from notifier.providers.base import shorten_token
 
 logger = logging.getLogger(__name__)
 

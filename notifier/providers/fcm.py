@@ -49,7 +49,7 @@ from notifier.classify import FCM_INVALID_TOKEN, REASON_CONNECTION, REASON_OAUTH
 from notifier.config import ConfigError, Settings
 from notifier.model import Outcome, Platform, Push, Result
 from notifier.payload import fcm_message
-from notifier.providers import shorten_token, tls_context
+from notifier.providers.base import shorten_token, tls_context
 
 logger = logging.getLogger(__name__)
 
