@@ -134,8 +134,8 @@ def test_a_message_committed_while_the_dispatcher_is_killed_is_picked_up_without
 
 
 def test_a_killed_fan_out_is_taken_over_at_once_not_after_the_lease(servers, fakes):
-    server = servers(fakes, {"PUSH_LEASE": "60", "PUSH_CONCURRENCY": "20", "PUSH_BATCH": "100"})
-    fakes.apns.delay = fakes.fcm.delay = 0.01
+    server = servers(fakes, {"PUSH_LEASE": "60", "PUSH_CONCURRENCY": "50", "PUSH_BATCH": "200"})
+    fakes.apns.delay = fakes.fcm.delay = 0.005  # slow enough to be killed mid-way
     chat = one_device_chat(server)
     tokens = add_bulk_member(server, chat, apns_devices=1500, fcm_devices=499, start=100)
     first = post_message(server, chat, "first")
@@ -144,11 +144,12 @@ def test_a_killed_fan_out_is_taken_over_at_once_not_after_the_lease(servers, fak
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     second = post_message(server, chat, "second")
+    took = {}
     for message in (first, second):
         report = wait_complete(server, chat, message, 30)
         assert report["summary"]["sent"] == len(tokens) + 1
-    took = time.monotonic() - killed
-    assert took < 10, f"every device served {took:.1f} s after the kill (the lease is 60 s)"
+        took[message] = round(time.monotonic() - killed, 1)
+    assert max(took.values()) < 10, f"every device served {took} s after the kill (the lease is 60 s)"
     # duplicates only for pushes in flight at the kill, with the first copy's apns-id
     copies = {}
     for request in fakes.apns.received:
@@ -156,4 +157,4 @@ def test_a_killed_fan_out_is_taken_over_at_once_not_after_the_lease(servers, fak
             copies.setdefault((request.token, request.payload["message_id"]), set()).add(request.headers["apns-id"])
     assert all(len(ids) == 1 for ids in copies.values()), "a re-sent push carries the same apns-id"
     duplicates = sum(fakes.apns.sent_tokens().values()) - len(copies)
-    assert duplicates <= 20 + 100, "at most what was in flight (concurrency) or claimed at the kill"
+    assert duplicates <= 2 * 200, "at most the batches claimed at the kill (two lanes)"
