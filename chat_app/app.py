@@ -58,9 +58,13 @@ class Context:
 
 def create_app(settings: Settings, wake: Callable[[], None] | None = None,
                engine: sa.Engine | None = None) -> Bottle:
-    """Build the app; creates the schema if needed. `wake` defaults to the notifier's waker."""
+    """Build the app; first upgrades the database to the newest schema (creating it when empty).
+
+    `wake` defaults to the notifier's waker. Under uWSGI this runs once, in the master, before the
+    workers fork; several hosts starting at once take turns (storage.migrate).
+    """
     engine = engine or storage.make_engine(resolve_database_url(settings.database_url))
-    storage.create_schema(engine)
+    storage.migrate(engine)
     engine.dispose()  # uWSGI may fork workers from here: let each open its own connections
     app = Bottle(catchall=True, autojson=True)
     if wake is None:

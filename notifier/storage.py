@@ -30,21 +30,20 @@ from notifier.model import DeliveryState, Platform, Push
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+MIGRATIONS = Path(__file__).resolve().with_name("migrations")  # Alembic's env.py and versions/
+# the newest revision in migrations/versions/: a database already there starts without importing
+# Alembic (0.15-0.2 s of every start and reload); migrate() refuses to run if this is stale
+SCHEMA_HEAD = "0002"
+MIGRATION_LOCK = 7311001  # PostgreSQL advisory lock key for schema changes (the first release's, kept)
 ID_CHUNK = 5_000  # ids per IN (...) list: under SQLite's 32,766 bound parameters, and small for PostgreSQL
 WAL_SAFETY_PAGES = 10_000  # SQLite checkpoints inside a commit only past this (40 MB of WAL)
 NOTIFY_CHANNEL = "chat_push_jobs"  # PostgreSQL LISTEN/NOTIFY channel that wakes dispatchers on every host
 
+# the tables as the code uses them; notifier/migrations/ changes a database to match, one revision at a time
 metadata = sa.MetaData()
 # 64-bit ids on PostgreSQL (a busy service passes 2**31 deliveries); on SQLite an INTEGER primary
 # key is the 64-bit rowid already, and must stay INTEGER to be one
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
-meta = sa.Table(
-    "meta", metadata,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("value", sa.String(255), nullable=False),
-)
 
 users = sa.Table(
     "users", metadata,
@@ -348,23 +347,118 @@ def writer(engine: Engine) -> Writer:
     return Writer(engine)
 
 
-def create_schema(engine: Engine) -> None:
-    """Create missing tables and record the schema version; safe to run from many processes at once."""
+@contextlib.contextmanager
+def migration_transaction(engine: Engine):
+    """A write transaction holding the migration lock: `with migration_transaction(engine) as conn:`.
+
+    One process at a time gets in, on any number of hosts. PostgreSQL: pg_advisory_xact_lock, which
+    the server releases at commit or rollback, or when a crashed starter's session ends, so it never
+    outlives the change it guards. SQLite: the write queue's flock, then BEGIN IMMEDIATE, SQLite's
+    own write lock, which every process of the host takes to write.
+    """
     with writer(engine).begin() as conn:
         if conn.dialect.name == "postgresql":
-            # serialize concurrent start-ups; released at commit
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7311001)"))
-        metadata.create_all(conn, checkfirst=True)
-        version = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
-        if version is None:
-            conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-        elif int(version) > SCHEMA_VERSION:
-            raise RuntimeError(f"database schema version {version} is newer than this code ({SCHEMA_VERSION})")
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        yield conn
 
 
-def schema_version(conn: Connection) -> int:
-    """The version recorded in the database."""
-    return int(conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar_one())
+def migrate(engine: Engine) -> None:
+    """Upgrade the database in place to the newest revision of notifier/migrations/; create it if empty.
+
+    Safe to run from many processes and hosts at once (they take turns, see migration_transaction),
+    and a no-op when the database is up to date. All revisions run in one transaction: on both
+    engines DDL is transactional, so a failed upgrade leaves the database as it was. A database of
+    the first release (a `meta` row schema_version=1, no alembic_version) is stamped with revision
+    0001, which made those same tables, then upgraded. Raises RuntimeError for a database this code
+    cannot upgrade: one at a revision it does not know (a newer release's), or a foreign `meta`.
+    """
+    with migration_transaction(engine) as conn:
+        if _recorded_revisions(conn) == {SCHEMA_HEAD}:
+            return  # the usual start: up to date
+        _upgrade(conn)
+
+
+def _upgrade(conn: Connection) -> None:
+    """migrate() with something to do: stamp a first-release database, refuse an unknown one, upgrade."""
+    # imported here, not at the top: Alembic costs 0.15-0.2 s to import, and only a start that has
+    # a revision to apply needs it (not the dispatcher, not an up-to-date start or reload)
+    from alembic import command
+
+    script = _migration_scripts()
+    head = script.get_current_head()  # raises if revisions branched: a merge revision is missing
+    if head != SCHEMA_HEAD:
+        raise RuntimeError(f"storage.SCHEMA_HEAD is {SCHEMA_HEAD!r} but the newest revision is {head!r}: update it")
+    config = alembic_config(conn)
+    first_release = _first_release_revision(conn)
+    if first_release is not None:
+        logger.info("storage: a database of the first release: stamping revision %s", first_release)
+        command.stamp(config, first_release)
+    current = _recorded_revisions(conn)
+    unknown = current - {revision.revision for revision in script.walk_revisions()}
+    if unknown:
+        raise RuntimeError(f"database schema revision {', '.join(sorted(unknown))} is newer than this code "
+                           f"(head {head})")
+    if current == {head}:
+        return
+    logger.info("storage: upgrading the schema from %s to %s", ", ".join(sorted(current)) or "nothing", head)
+    command.upgrade(config, "head")
+
+
+# the name before migrations, for code written against it
+create_schema = migrate
+
+
+def schema_revision(conn: Connection) -> str | None:
+    """The Alembic revision the database is at (None: not migrated yet)."""
+    revisions = _recorded_revisions(conn)
+    if len(revisions) > 1:
+        raise RuntimeError(f"database at several revisions: {sorted(revisions)}")
+    return next(iter(revisions), None)
+
+
+# Alembic's own table, read here without importing Alembic
+_alembic_version = sa.table("alembic_version", sa.column("version_num"))
+
+
+def _recorded_revisions(conn: Connection) -> set[str]:
+    """What alembic_version holds (several rows only if revisions branched); empty before Alembic."""
+    if not sa.inspect(conn).has_table("alembic_version"):
+        return set()
+    return set(conn.execute(sa.select(_alembic_version.c.version_num)).scalars())
+
+
+def alembic_config(conn: Connection | None = None):
+    """An alembic.config.Config for notifier/migrations/, built in code (no alembic.ini needed).
+
+    With `conn`, env.py runs the revisions on that connection, in its transaction: pass one from
+    migration_transaction(), as `command.upgrade(alembic_config(conn), "head")`.
+    """
+    from alembic.config import Config  # see _upgrade() on why imported here
+
+    config = Config(attributes={"connection": conn} if conn is not None else None)
+    config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))  # ConfigParser syntax
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def _migration_scripts():
+    """The revisions on disk, read once per process (every test's fresh database migrates)."""
+    from alembic.script import ScriptDirectory  # see _upgrade() on why imported here
+
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def _first_release_revision(conn: Connection) -> str | None:
+    """'0001' for a database the first release made (it kept its version in `meta`), else None."""
+    inspector = sa.inspect(conn)
+    if inspector.has_table("alembic_version") or not inspector.has_table("meta"):
+        return None
+    legacy_meta = sa.table("meta", sa.column("key"), sa.column("value"))
+    version = conn.execute(sa.select(legacy_meta.c.value).where(legacy_meta.c.key == "schema_version")).scalar()
+    if version != "1":
+        raise RuntimeError(f"database has a meta table with schema_version={version!r} and no alembic_version: "
+                           "not a schema this code knows how to upgrade")
+    return "0001"
 
 
 def ping(conn: Connection) -> None:

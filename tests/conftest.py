@@ -121,7 +121,7 @@ def schema_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty SQLite database with the schema, copied for each test (creating the schema is the slow part)."""
     path = tmp_path_factory.mktemp("template") / "chat.sqlite3"
     engine = storage.make_engine(f"sqlite:///{path}")
-    storage.create_schema(engine)
+    storage.migrate(engine)
     engine.dispose()
     return path
 

@@ -49,7 +49,7 @@ class Clock:
 def world(tmp_path):
     """A chat of alice (sender, one phone), bob (two phones) and carol (muted, one phone)."""
     engine = storage.make_engine(f"sqlite:///{tmp_path}/chat.sqlite3")
-    storage.create_schema(engine)
+    storage.migrate(engine)
     with storage.writer(engine).begin() as conn:
         alice = storage.create_user(conn, "alice", "h-a", T0)["id"]
         bob = storage.create_user(conn, "bob", "h-b", T0)["id"]

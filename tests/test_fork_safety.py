@@ -35,7 +35,7 @@ def child_sees(database: str) -> int:
 @pytest.fixture
 def engine(tmp_path):
     engine = storage.make_engine(f"sqlite:///{tmp_path}/chat.sqlite3")
-    storage.create_schema(engine)
+    storage.migrate(engine)
     with engine.connect() as conn:  # a pooled connection, as a worker has after a request
         storage.ping(conn)
     yield engine

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import sqlalchemy as sa
+from alembic.script import ScriptDirectory
 from sqlalchemy.pool import NullPool
 
 from chat_app.app import create_app
@@ -51,7 +52,7 @@ def postgres_engine():
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     engine = storage.make_engine(server.set(database=name).render_as_string(hide_password=False))
     try:
-        storage.create_schema(engine)
+        storage.migrate(engine)
         yield engine
     finally:
         engine.dispose()
@@ -65,14 +66,14 @@ def engine(request, tmp_path):
     """An empty database with the schema: a new SQLite file, or the session's PostgreSQL database emptied."""
     if request.param == "sqlite":
         engine = storage.make_engine(f"sqlite:///{tmp_path}/storage.sqlite3")
-        storage.create_schema(engine)
+        storage.migrate(engine)
         yield engine
         engine.dispose()
         return
     engine = request.getfixturevalue("postgres_engine")
     with engine.begin() as conn:
         conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
-    storage.create_schema(engine)
+    storage.migrate(engine)
     yield engine
 
 
@@ -158,29 +159,35 @@ def sent(delivery_id: int, now: float = NOW) -> storage.Update:
 
 # ---------------------------------------------------------------- schema
 
-def test_create_schema_is_idempotent_and_records_the_version(engine):
-    storage.create_schema(engine)
-    storage.create_schema(engine)
+def test_migrate_is_idempotent_and_records_the_head_revision(engine):
+    storage.migrate(engine)
+    storage.migrate(engine)
 
     with engine.connect() as conn:
-        assert storage.schema_version(conn) == storage.SCHEMA_VERSION
+        assert storage.schema_revision(conn) == ScriptDirectory(str(storage.MIGRATIONS)).get_current_head()
         storage.ping(conn)
-    assert count(engine, storage.meta) == 1
-    assert set(TABLES) <= set(sa.inspect(engine).get_table_names())
+    tables = set(sa.inspect(engine).get_table_names())
+    assert set(TABLES) <= tables
+    assert "meta" not in tables  # the first release's version row: alembic_version replaced it
 
 
-def test_create_schema_keeps_existing_rows(engine, world):
-    storage.create_schema(engine)
+def test_migrate_keeps_existing_rows(engine, world):
+    storage.migrate(engine)
 
     assert count(engine, storage.users) == 6
 
 
-def test_create_schema_refuses_a_database_newer_than_the_code(engine):
+def test_migrate_refuses_a_database_newer_than_the_code(engine):
     with write(engine) as conn:
-        conn.execute(storage.meta.update().values(value=str(storage.SCHEMA_VERSION + 1)))
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'ffff_from_a_newer_release'"))
 
-    with pytest.raises(RuntimeError, match="newer"):
-        storage.create_schema(engine)
+    try:
+        with pytest.raises(RuntimeError, match="ffff_from_a_newer_release is newer than this code"):
+            storage.migrate(engine)
+    finally:  # the PostgreSQL database lives for the session: leave it migratable
+        with write(engine) as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = :head"),
+                         {"head": ScriptDirectory(str(storage.MIGRATIONS)).get_current_head()})
 
 
 # ---------------------------------------------------------------- the message and its job: one write
@@ -646,7 +653,7 @@ def test_sqlite_writers_of_forked_processes_queue_on_the_lock_file(tmp_path):
 
     url = f"sqlite:///{tmp_path}/queue.sqlite3"
     engine = storage.make_engine(url)
-    storage.create_schema(engine)  # a write: this process's queue is open when it forks
+    storage.migrate(engine)  # a write: this process's queue is open when it forks
     fork = multiprocessing.get_context("fork")
     ready, go, done = fork.Event(), fork.Event(), fork.Event()
     # forked outside any transaction, as uWSGI forks workers and workers fork the dispatcher
@@ -678,7 +685,7 @@ def test_sqlite_write_queue_holds_across_a_fork_made_in_c_as_uwsgi_forks_its_wor
     import select
 
     engine = storage.make_engine(f"sqlite:///{tmp_path}/cfork.sqlite3")
-    storage.create_schema(engine)  # the queue is open in this process, as in uWSGI's master
+    storage.migrate(engine)  # the queue is open in this process, as in uWSGI's master
     path = str(tmp_path / "cfork.sqlite3")
     read_end, write_end = os.pipe()
     libc_fork = ctypes.PyDLL(None).fork  # fork(2) itself: no Python at-fork hook runs, as under uWSGI
@@ -711,7 +718,7 @@ def test_sqlite_writer_threads_of_one_process_take_turns(tmp_path):
     import threading
 
     engine = storage.make_engine(f"sqlite:///{tmp_path}/threads.sqlite3")
-    storage.create_schema(engine)
+    storage.migrate(engine)
     inside, overlaps = [], []
 
     def write(i):
@@ -738,7 +745,7 @@ def test_sqlite_commits_leave_the_wal_for_checkpoint_to_copy_outside_the_write_q
 
     path = tmp_path / "wal.sqlite3"
     engine = storage.make_engine(f"sqlite:///{path}")
-    storage.create_schema(engine)
+    storage.migrate(engine)
     storage.checkpoint(engine)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == storage.WAL_SAFETY_PAGES
@@ -777,7 +784,7 @@ def test_a_writer_made_before_a_fork_queues_with_the_childs_own_lock_file(tmp_pa
     import select
 
     engine = storage.make_engine(f"sqlite:///{tmp_path}/early.sqlite3")
-    storage.create_schema(engine)
+    storage.migrate(engine)
     early = storage.writer(engine)  # as the app made in uWSGI's master, before the workers fork
     read_end, write_end = os.pipe()
     with storage._write_queue(str(tmp_path / "early.sqlite3")):
