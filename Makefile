@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: run test bench clean
+.PHONY: run test bench chaos fuzz clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -25,13 +25,22 @@ run: $(STAMP)
 	rm -rf var/run/metrics
 	$(VENV)/bin/uwsgi --ini uwsgi.ini
 
-## run the whole test suite
+## check the import layers (.importlinter), then run the whole test suite
 test: $(DEVSTAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
 
 ## run the benchmarks; tables on stdout, JSON in bench/results/
 bench: $(DEVSTAMP)
 	$(PY) -m bench
 
+## seeded random faults (kills, reloads, restarts, provider storms) while messages stream; table + JSON
+chaos: $(DEVSTAMP)
+	$(PY) -m bench.chaos $(CHAOS_ARGS)
+
+## schemathesis against the running service's /openapi.json under uWSGI, about 10,000 requests
+fuzz: $(DEVSTAMP)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-10000} $(PY) -m pytest -p no:cacheprovider tests/test_fuzz.py -q
+
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache .hypothesis

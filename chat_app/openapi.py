@@ -6,8 +6,7 @@ chat_app.validation accepts, and tests check the responses of every route agains
 """
 from __future__ import annotations
 
-from chat_app.routes.chats import MAX_INITIAL_MEMBERS
-from chat_app.validation import MAX_ID
+from chat_app.validation import MAX_ID, MAX_INITIAL_MEMBERS
 
 # ------------------------------------------------------------------ small schema helpers
 
@@ -17,6 +16,14 @@ _SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u30
 _NOT_BLANK = rf"^[^\x00]*[^\x00{_SPACE}][^\x00]*$"
 # an ISO time as the API writes it (storage.iso)
 _API_TIME = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+# validation.timestamp_or_null() takes times whose UTC instant is in [0001-01-01, 9999-12-31): with an
+# offset of up to 23:59, every time written with a date from 0001-01-02 to 9999-12-29 is, and some
+# written on 0001-01-01, 9999-12-30 or 9999-12-31 are not (0001-01-01T00:00:00+01:00). Comparing the
+# time with the offset is beyond a readable regex, so the date alone decides: years 0002..9998, or
+# year 0001 but not January 1st, or year 9999 before December 30th (format: date-time checks the rest).
+_MUTE_DATES = (r"^(?:(?:000[2-9]|00[1-9]\d|0[1-9]\d\d|[1-8]\d{3}|9[0-8]\d\d|99[0-8]\d|999[0-8])-"
+               r"|0001-(?:01-(?:0[2-9]|[1-3])|0[2-9]|1[0-2])"
+               r"|9999-(?:0\d|1[01]|12-[0-2]))")
 
 
 def _ref(name: str) -> dict:
@@ -112,12 +119,14 @@ def _schemas() -> dict:
         },
         "ChatCreate": _obj({"name": _text(64),
                             "member_ids": {"type": "array", "maxItems": MAX_INITIAL_MEMBERS, "items": ID,
-                                           "description": "users to add; the creator is always a member"}}),
+                                           "description": "ids of existing users to add (an id of no user is "
+                                                          "400 invalid_field); the creator is always a member"}}),
         "MemberAdd": _obj({"user_id": ID}),
         "MuteSet": _obj({"until": {
-            "type": "string", "format": "date-time", "maxLength": 64, "nullable": True,
-            "description": "an ISO 8601 time with a zone, from 0001-01-01 to 9999-12-30 (no leap seconds); "
-                           "null unmutes",
+            "type": "string", "format": "date-time", "maxLength": 64, "nullable": True, "pattern": _MUTE_DATES,
+            "description": "an ISO 8601 time with a zone, whose UTC time is from 0001-01-01 to 9999-12-30 "
+                           "(no leap seconds); null unmutes. The pattern leaves out the first and last days' "
+                           "dates as written, which an offset can move out of that range",
         }}),
         "MessageCreate": _obj({"text": _text(4000), "client_id": _text(64, nullable=True)}, required=["text"]),
     }
@@ -143,6 +152,12 @@ ERRORS = {
     "500": ("Internal", _error("internal: never expected; the message carries a request id")),
     "503": ("Unavailable", _error("unavailable: the database does not answer, retry later", "Retry-After")),
 }
+# errors particular to one operation, in place of the shared one for that status
+SPECIFIC_ERRORS = {
+    "UnknownMembers": _error("invalid_json (body not a JSON object) or invalid_field (message names the field); "
+                             "also invalid_field for member_ids naming a user that does not exist, so a body "
+                             "that matches the schema can get this 400"),
+}
 
 
 # ------------------------------------------------------------------ operations
@@ -157,8 +172,11 @@ def _json(schema_name: str, description: str, location: bool = False) -> dict:
 
 
 def _op(operation_id: str, summary: str, responses: dict, errors: str, body: str | None = None,
-        params: list | None = None, public: bool = False) -> dict:
-    """One operation; `errors` lists the error statuses it can answer besides 500 and 503."""
+        params: list | None = None, public: bool = False, specific: dict | None = None) -> dict:
+    """One operation; `errors` lists the error statuses it can answer besides 500 and 503.
+
+    `specific` maps a status to a SPECIFIC_ERRORS name that replaces the shared answer for it.
+    """
     codes = errors.split() + ["500", "503"]
     if body:
         codes += ["400", "413", "415"]
@@ -166,7 +184,8 @@ def _op(operation_id: str, summary: str, responses: dict, errors: str, body: str
         codes.append("401")
     operation = {"operationId": operation_id, "summary": summary, "responses": dict(responses)}
     for code in sorted(set(codes)):
-        operation["responses"][code] = {"$ref": f"#/components/responses/{ERRORS[code][0]}"}
+        name = (specific or {}).get(code, ERRORS[code][0])
+        operation["responses"][code] = {"$ref": f"#/components/responses/{name}"}
     if params:
         operation["parameters"] = params
     if body:
@@ -208,7 +227,8 @@ def _paths() -> dict:
             "deleteDevice", "Delete a device (only its owner)", NO_CONTENT, "403 404", params=[device])},
         "/v1/chats": {
             "post": _op("createChat", "Create a chat; the creator is always a member",
-                        {"201": _json("Chat", "created", location=True)}, "", body="ChatCreate"),
+                        {"201": _json("Chat", "created", location=True)}, "", body="ChatCreate",
+                        specific={"400": "UnknownMembers"}),
             "get": _op("listChats", "Chats the caller is a member of",
                        {"200": _json("ChatList", "the chats")}, ""),
         },
@@ -277,7 +297,7 @@ def _build() -> dict:
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
             "schemas": _schemas(),
-            "responses": {name: response for name, response in ERRORS.values()},
+            "responses": {**{name: response for name, response in ERRORS.values()}, **SPECIFIC_ERRORS},
         },
     }
 

@@ -10,6 +10,7 @@ from chat_app.errors import ApiError, invalid_field
 # The largest id both databases can hold (64-bit); binding a bigger value would fail ("integer out of
 # range") instead of finding nothing. Bigger ones cannot exist.
 MAX_ID = 2**63 - 1
+MAX_INITIAL_MEMBERS = 10_000  # member_ids of one POST /v1/chats
 APNS_TOKEN = re.compile(r"[0-9a-fA-F]{64}")
 PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
 ASCII_DIGITS = re.compile(r"[0-9]+")

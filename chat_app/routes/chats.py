@@ -7,8 +7,6 @@ from chat_app import validation
 from chat_app.errors import forbidden, invalid_field, not_found
 from notifier import storage
 
-MAX_INITIAL_MEMBERS = 10_000
-
 
 def load_chat_as_member(ctx, conn, chat_id: str, user_id: int):
     """The chat row when it exists and the user is a member; else 404 or 403."""
@@ -44,7 +42,7 @@ def register(app, ctx) -> None:
             user = ctx.user(conn)
         body = validation.read_json_object(request, ctx.max_body)
         name = validation.text(body, "name", 64)
-        member_ids = validation.id_list(body, "member_ids", MAX_INITIAL_MEMBERS)
+        member_ids = validation.id_list(body, "member_ids", validation.MAX_INITIAL_MEMBERS)
         with ctx.write() as conn:
             unknown = set(member_ids) - storage.existing_user_ids(conn, member_ids)
             if unknown:
