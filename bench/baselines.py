@@ -30,7 +30,7 @@ from bottle import request, response
 from chat_app import validation
 from chat_app.app import create_app
 from chat_app.routes.chats import load_chat_as_member
-from notifier import storage
+from notifier import db, model, schema
 from notifier.config import load_settings, resolve_database_url
 from notifier.model import DeliveryState, Outcome, Platform, Push
 from notifier.providers import apns as _apns, fcm as _fcm  # noqa: F401 - imported once, before uWSGI forks
@@ -47,7 +47,7 @@ _STATE = {Outcome.SENT: DeliveryState.SENT, Outcome.SKIPPED: DeliveryState.SKIPP
 
 def recipients(conn, message: dict, now: float) -> list[Push]:
     """Every enabled device of every other, unmuted member: the service's expansion, done in Python."""
-    m, d, u, c = storage.members, storage.devices, storage.users, storage.chats
+    m, d, u, c = schema.members, schema.devices, schema.users, schema.chats
     chat_name = conn.execute(sa.select(c.c.name).where(c.c.id == message["chat_id"])).scalar_one()
     sender_name = conn.execute(sa.select(u.c.name).where(u.c.id == message["sender_id"])).scalar_one()
     rows = conn.execute(
@@ -77,8 +77,8 @@ def record(engine, results, now: float) -> None:
              "last_status": r.status, "last_reason": r.reason,
              "sent_at": now if r.outcome is Outcome.SENT else None, "created_at": now} for p, r in results]
     if rows:
-        with storage.writer(engine).begin() as conn:
-            conn.execute(storage.deliveries.insert(), rows)
+        with db.writer(engine).begin() as conn:
+            conn.execute(schema.deliveries.insert(), rows)
 
 
 def fan_out(engine, providers: dict, message: dict, concurrency: int, loop=None) -> None:
@@ -143,7 +143,7 @@ def _thread_fan_out(engine, settings, worker: Worker, message: dict) -> None:
 
 def _process_fan_out(settings, message: dict) -> None:
     from notifier.providers import build_providers
-    engine = storage.make_engine(resolve_database_url(settings.database_url))
+    engine = db.make_engine(resolve_database_url(settings.database_url))
     providers = build_providers(settings)
 
     async def run():
@@ -177,11 +177,11 @@ def build():
         client_id = validation.text(body, "client_id", 64, required=False)
         with ctx.write() as conn:
             chat = load_chat_as_member(ctx, conn, chat_id, user["id"])
-            row = conn.execute(storage.messages.insert().values(
+            row = conn.execute(schema.messages.insert().values(
                 chat_id=chat.id, sender_id=user["id"], text=text, client_id=client_id, created_at=time.time(),
-            ).returning(*storage.messages.c)).one()
+            ).returning(*schema.messages.c)).one()
         message = {"id": row.id, "chat_id": row.chat_id, "sender_id": row.sender_id, "text": row.text,
-                   "client_id": row.client_id, "created_at": storage.iso(row.created_at)}
+                   "client_id": row.client_id, "created_at": model.iso(row.created_at)}
         state = worker.ensure()
         if VARIANT == "inline":
             providers = state.inline_providers()

@@ -54,7 +54,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from bench.common import machine_info, percentile, print_tables, save, table
-from notifier import storage
+from notifier import schema
 from tests.e2e import KEY_ID, PROJECT, TEAM_ID, TOPIC, Chat, Fakes, add_bulk_member, make_chat
 from tests.fakes.apns import APNsFake
 from tests.fakes.fcm import FCMFake
@@ -704,9 +704,9 @@ class ChaosRun:
         """pid -> host id of the registered dispatchers that still run (and started after we did)."""
         try:
             with self.hosts[0].engine.connect() as conn:
-                rows = conn.execute(sa.select(storage.dispatchers.c.pid, storage.dispatchers.c.host_id,
-                                              storage.dispatchers.c.started_at)
-                                    .where(storage.dispatchers.c.stopped_at.is_(None))).all()
+                rows = conn.execute(sa.select(schema.dispatchers.c.pid, schema.dispatchers.c.host_id,
+                                              schema.dispatchers.c.started_at)
+                                    .where(schema.dispatchers.c.stopped_at.is_(None))).all()
         except sa.exc.DBAPIError:
             return {}
         # a SIGKILLed dispatcher's row stays "running"; its pid may since belong to a PostgreSQL
@@ -718,10 +718,10 @@ class ChaosRun:
     def outstanding(self) -> dict:
         """Push jobs not yet expanded and deliveries not yet final."""
         with self.hosts[0].engine.connect() as conn:
-            jobs = conn.execute(sa.select(sa.func.count()).select_from(storage.push_jobs)
-                                .where(storage.push_jobs.c.state != "expanded")).scalar_one()
-            pending = conn.execute(sa.select(sa.func.count()).select_from(storage.deliveries)
-                                   .where(storage.deliveries.c.state == "pending")).scalar_one()
+            jobs = conn.execute(sa.select(sa.func.count()).select_from(schema.push_jobs)
+                                .where(schema.push_jobs.c.state != "expanded")).scalar_one()
+            pending = conn.execute(sa.select(sa.func.count()).select_from(schema.deliveries)
+                                   .where(schema.deliveries.c.state == "pending")).scalar_one()
         return {"jobs": jobs, "pending": pending}
 
     def wait_complete(self, timeout: float) -> dict:
@@ -741,14 +741,14 @@ class ChaosRun:
     def stored_messages(self) -> list[tuple]:
         """(message id, chat id, client id) of every stored message."""
         with self.hosts[0].engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(sa.select(storage.messages.c.id, storage.messages.c.chat_id,
-                                                             storage.messages.c.client_id))]
+            return [tuple(r) for r in conn.execute(sa.select(schema.messages.c.id, schema.messages.c.chat_id,
+                                                             schema.messages.c.client_id))]
 
     def registry(self) -> list[dict]:
         """The dispatcher registry, times relative to the stream's start: who ran when, on which host."""
         base = self.started_at or 0.0
         with self.hosts[0].engine.connect() as conn:
-            rows = conn.execute(sa.select(storage.dispatchers).order_by(storage.dispatchers.c.id)).mappings().all()
+            rows = conn.execute(sa.select(schema.dispatchers).order_by(schema.dispatchers.c.id)).mappings().all()
         return [{"host": r["host_id"], "pid": r["pid"], "started": round(r["started_at"] - base, 2),
                  "heartbeat": round(r["heartbeat_at"] - base, 2),
                  "stopped": None if r["stopped_at"] is None else round(r["stopped_at"] - base, 2)} for r in rows]
@@ -756,10 +756,10 @@ class ChaosRun:
     def delivery_states(self) -> dict:
         """Deliveries by state, and devices disabled during the run."""
         with self.hosts[0].engine.connect() as conn:
-            states = dict(conn.execute(sa.select(storage.deliveries.c.state, sa.func.count())
-                                       .group_by(storage.deliveries.c.state)).all())
-            disabled = conn.execute(sa.select(sa.func.count()).select_from(storage.devices)
-                                    .where(storage.devices.c.enabled.is_(False))).scalar_one()
+            states = dict(conn.execute(sa.select(schema.deliveries.c.state, sa.func.count())
+                                       .group_by(schema.deliveries.c.state)).all())
+            disabled = conn.execute(sa.select(sa.func.count()).select_from(schema.devices)
+                                    .where(schema.devices.c.enabled.is_(False))).scalar_one()
         return {"states": states, "devices_disabled": disabled}
 
     # -------------------------------------------------------------- the report

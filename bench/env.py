@@ -16,7 +16,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from bench.fakes import FakeProcess
-from notifier import storage
+from notifier import db, outbox, schema
 from tests.e2e import add_bulk_member, make_chat
 from tests.fakes.tls import make_tls_material
 from tests.harness import UwsgiServer, pid_alive, wait_until
@@ -113,17 +113,17 @@ def dispatcher_pid(server: UwsgiServer, timeout: float = 15.0) -> int:
 def queue_depth(server: UwsgiServer) -> dict:
     """Pending jobs / deliveries and the oldest pending age, read from the database."""
     with server.engine.connect() as conn:
-        return storage.queue_depth(conn, time.time())
+        return outbox.queue_depth(conn, time.time())
 
 
 def drop_backlog(server: UwsgiServer) -> None:
     """Between phases: mark everything still queued as done (leases cleared), so the next phase starts
     from an empty outbox. The dispatcher stays up and warm: its batch in flight is not recorded
     (the lease is no longer its own)."""
-    with storage.writer(server.engine).begin() as conn:
-        conn.execute(storage.push_jobs.update().where(storage.push_jobs.c.state == "pending")
+    with db.writer(server.engine).begin() as conn:
+        conn.execute(schema.push_jobs.update().where(schema.push_jobs.c.state == "pending")
                      .values(state="expanded"))
-        conn.execute(storage.deliveries.update().where(storage.deliveries.c.state == "pending")
+        conn.execute(schema.deliveries.update().where(schema.deliveries.c.state == "pending")
                      .values(state="skipped", last_reason="bench_dropped", lease_owner=None, lease_until=None))
 
 
@@ -139,9 +139,9 @@ def wait_drained(server: UwsgiServer, timeout: float, interval: float = 0.1) -> 
 
 
 def delivery_states(server: UwsgiServer, message_ids=None) -> dict:
-    query = sa.select(storage.deliveries.c.state, sa.func.count()).group_by(storage.deliveries.c.state)
+    query = sa.select(schema.deliveries.c.state, sa.func.count()).group_by(schema.deliveries.c.state)
     if message_ids is not None:
-        query = query.where(storage.deliveries.c.message_id.in_(list(message_ids)))
+        query = query.where(schema.deliveries.c.message_id.in_(list(message_ids)))
     with server.engine.connect() as conn:
         return dict(conn.execute(query).all())
 

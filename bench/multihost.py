@@ -22,7 +22,7 @@ from bench import fanout, latency
 from bench.common import percentile, table
 from bench.env import BenchEnv, delivery_states, wait_drained
 from bench.procs import CpuMeter
-from notifier import storage
+from notifier import schema
 from tests.harness import wait_until
 from tests.pg import PG_URL, temporary_database, unreachable_reason
 
@@ -115,10 +115,10 @@ def _one_message(env: BenchEnv, server, chat, scenario: str) -> dict:
 
 def _sent_by_host(server, message_id: int) -> dict:
     with server.engine.connect() as conn:
-        rows = conn.execute(sa.select(storage.deliveries.c.handled_by, sa.func.count())
-                            .where(storage.deliveries.c.message_id == message_id,
-                                   storage.deliveries.c.state == "sent")
-                            .group_by(storage.deliveries.c.handled_by)).all()
+        rows = conn.execute(sa.select(schema.deliveries.c.handled_by, sa.func.count())
+                            .where(schema.deliveries.c.message_id == message_id,
+                                   schema.deliveries.c.state == "sent")
+                            .group_by(schema.deliveries.c.handled_by)).all()
     return dict(sorted(rows))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from bench.common import fmt, machine_info, print_tables, save, table
-from notifier import storage
+from notifier import schema
 from tests.e2e import add_bulk_member, apns_token, make_chat, post_message, running_fakes, wait_complete
 from tests.harness import UwsgiServer, wait_until
 from tests.pg import temporary_database, unreachable_reason
@@ -47,8 +47,8 @@ def one_round(workdir: Path, database_url: str | None) -> dict:
 
             def leases():
                 with server.engine.connect() as conn:
-                    return conn.execute(sa.select(sa.func.count()).select_from(storage.deliveries).where(
-                        storage.deliveries.c.state == "pending", storage.deliveries.c.lease_owner.like(owner))
+                    return conn.execute(sa.select(sa.func.count()).select_from(schema.deliveries).where(
+                        schema.deliveries.c.state == "pending", schema.deliveries.c.lease_owner.like(owner))
                     ).scalar_one()
 
             wait_until(lambda: leases() == 0, 120, interval=0.02, message="the leases to be taken over")

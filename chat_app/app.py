@@ -13,7 +13,8 @@ from bottle import Bottle, HTTPResponse, request
 
 from chat_app.errors import ApiError, error_body, error_response, internal_error_response
 from chat_app.routes import chats, devices, messages, ops, users
-from notifier import Waker, storage
+from chat_app import store
+from notifier import Waker, db
 from notifier.config import Settings, resolve_database_url
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class Context:
     @contextmanager
     def write(self) -> Iterator[sa.Connection]:
         """A write transaction: committed when the block ends, rolled back when it raises."""
-        with storage.writer(self.engine).begin() as conn:
+        with db.writer(self.engine).begin() as conn:
             yield conn
 
     def user(self, conn: sa.Connection) -> dict:
@@ -50,7 +51,7 @@ class Context:
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "unauthorized", "missing or malformed bearer token",
                            {"WWW-Authenticate": "Bearer"})
-        user = storage.user_by_token_hash(conn, storage.hash_token(token.strip()))
+        user = store.user_by_token_hash(conn, store.hash_token(token.strip()))
         if user is None:
             raise ApiError(401, "unauthorized", "unknown bearer token", {"WWW-Authenticate": "Bearer"})
         return user
@@ -61,10 +62,10 @@ def create_app(settings: Settings, wake: Callable[[], None] | None = None,
     """Build the app; first upgrades the database to the newest schema (creating it when empty).
 
     `wake` defaults to the notifier's waker. Under uWSGI this runs once, in the master, before the
-    workers fork; several hosts starting at once take turns (storage.migrate).
+    workers fork; several hosts starting at once take turns (db.migrate).
     """
-    engine = engine or storage.make_engine(resolve_database_url(settings.database_url))
-    storage.migrate(engine)
+    engine = engine or db.make_engine(resolve_database_url(settings.database_url))
+    db.migrate(engine)
     engine.dispose()  # uWSGI may fork workers from here: let each open its own connections
     app = Bottle(catchall=True, autojson=True)
     if wake is None:

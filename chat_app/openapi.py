@@ -14,7 +14,7 @@ from chat_app.validation import MAX_ID, MAX_INITIAL_MEMBERS
 _SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # validation.text(): no NUL anywhere, and at least one character that is not whitespace
 _NOT_BLANK = rf"^[^\x00]*[^\x00{_SPACE}][^\x00]*$"
-# an ISO time as the API writes it (storage.iso)
+# an ISO time as the API writes it (model.iso)
 _API_TIME = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
 # validation.timestamp_or_null() takes times whose UTC instant is in [0001-01-01, 9999-12-31): with an
 # offset of up to 23:59, every time written with a date from 0001-01-02 to 9999-12-29 is, and some

@@ -1,6 +1,6 @@
 """The dispatcher: claim from the outbox, send through the providers, record every outcome.
 
-The one place that wires the outbox (storage), the providers and the retry policy together.
+The one place that wires the outbox, the providers and the retry policy together.
 `notifier.runner.Runner` drives it (inside PushProcess on demand, or `python -m notifier`).
 Database calls are blocking SQLAlchemy calls made on a worker thread, so the event loop keeps
 every provider stream moving while a batch is being claimed or recorded.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from notifier import storage
+from notifier import db, devices, outbox
 from notifier.config import Settings
 from notifier.metrics import DispatcherMetrics
 from notifier.model import DeliveryState, Outcome, Platform, Result
@@ -54,7 +54,7 @@ class Dispatcher:
                  clock=time.time, owner: str | None = None):
         self.settings = settings
         self.engine = engine
-        self.writer = storage.writer(engine)
+        self.writer = db.writer(engine)
         self.providers = providers
         self.metrics = metrics
         self.clock = clock
@@ -131,26 +131,26 @@ class Dispatcher:
                 return
             claimed, size = None, self.settings.push_batch
 
-    def _claim(self, size: int) -> list[storage.Claimed]:
+    def _claim(self, size: int) -> list[outbox.Claimed]:
         """One write transaction (expand about a batch of new deliveries, then lease a batch), then a
         read to load it. Expanding no more than is claimed keeps the outbox lazy: a message's
         recipients become rows about as fast as they are sent, by whichever dispatcher is free."""
         now = self.clock()
         with self.writer.begin() as conn:
-            storage.expand_pending_jobs(conn, now, size)
-            ids = storage.claim_delivery_ids(conn, self.owner, now, self.settings.push_lease, size)
+            outbox.expand_pending_jobs(conn, now, size)
+            ids = outbox.claim_delivery_ids(conn, self.owner, now, self.settings.push_lease, size)
         if not ids:
             return []
         self.in_flight.update(ids)
         try:
             with self.engine.connect() as conn:
-                return storage.load_claimed(conn, ids)
+                return outbox.load_claimed(conn, ids)
         except BaseException:
             self.in_flight.difference_update(ids)
             self._lost.update(ids)
             raise
 
-    async def _record_until_done(self, updates: list[storage.Update], dead_devices: list[int]) -> None:
+    async def _record_until_done(self, updates: list[outbox.Update], dead_devices: list[int]) -> None:
         """Record a sent batch, waiting out a database outage: giving up would re-send the whole
         batch once the leases expire. Past the lease, another dispatcher may have taken the rows
         (at least once), so stop trying then."""
@@ -166,22 +166,22 @@ class Dispatcher:
                                type(exc.orig).__name__)
                 await asyncio.sleep(DB_RETRY_INTERVAL)
 
-    def _record(self, updates: list[storage.Update], dead_devices: list[int]) -> None:
+    def _record(self, updates: list[outbox.Update], dead_devices: list[int]) -> None:
         with self.writer.begin() as conn:
-            written = storage.record_updates(conn, self.owner, updates, self.settings.push_host_id)
-            storage.disable_devices(conn, dead_devices, "unregistered")
+            written = outbox.record_updates(conn, self.owner, updates, self.settings.push_host_id)
+            devices.disable_devices(conn, dead_devices, "unregistered")
         if written < len(updates):
             logger.warning("notifier: %d result(s) not recorded: their lease passed to another dispatcher",
                            len(updates) - written)
 
-    async def _send_batch(self, claimed: list[storage.Claimed], tally: Tally):
+    async def _send_batch(self, claimed: list[outbox.Claimed], tally: Tally):
         now = self.clock()
         sends = []
-        updates: list[storage.Update] = []
+        updates: list[outbox.Update] = []
         for item in claimed:
             push = item.push
             if not item.device_enabled:
-                updates.append(storage.Update(push.delivery_id, DeliveryState.SKIPPED, push.attempts, now,
+                updates.append(outbox.Update(push.delivery_id, DeliveryState.SKIPPED, push.attempts, now,
                                               None, "device_disabled"))
             elif self.paused_until.get(push.platform, 0) > now:
                 updates.append(self._postpone(push, self.paused_until[push.platform]))
@@ -216,18 +216,18 @@ class Dispatcher:
                                  elapsed if result.status is not None else None)
         return push, result
 
-    def _decide(self, push, result: Result, now: float) -> storage.Update:
+    def _decide(self, push, result: Result, now: float) -> outbox.Update:
         """Turn a classified provider answer into the delivery's next state."""
         outcome = result.outcome
         attempts = push.attempts + 1
         if outcome is Outcome.SENT:
-            return storage.Update(push.delivery_id, DeliveryState.SENT, attempts, now, result.status,
+            return outbox.Update(push.delivery_id, DeliveryState.SENT, attempts, now, result.status,
                                   result.reason, sent_at=now)
         if outcome is Outcome.SKIPPED:
-            return storage.Update(push.delivery_id, DeliveryState.SKIPPED, push.attempts, now, result.status,
+            return outbox.Update(push.delivery_id, DeliveryState.SKIPPED, push.attempts, now, result.status,
                                   result.reason)
         if outcome in (Outcome.DEAD_TOKEN, Outcome.REJECTED):
-            return storage.Update(push.delivery_id, DeliveryState.FAILED, attempts, now, result.status,
+            return outbox.Update(push.delivery_id, DeliveryState.FAILED, attempts, now, result.status,
                                   result.reason)
         if outcome is Outcome.AUTH:
             until = now + AUTH_PAUSE
@@ -239,22 +239,22 @@ class Dispatcher:
             return self._postpone(push, until, result)
         # transient
         if self.policy.exhausted(attempts):
-            return storage.Update(push.delivery_id, DeliveryState.FAILED, attempts, now, result.status,
+            return outbox.Update(push.delivery_id, DeliveryState.FAILED, attempts, now, result.status,
                                   f"{result.reason or 'no answer'} (out of attempts)")
         delay = self.policy.delay_for(attempts, result.retry_after)
-        return storage.Update(push.delivery_id, DeliveryState.PENDING, attempts, now + delay, result.status,
+        return outbox.Update(push.delivery_id, DeliveryState.PENDING, attempts, now + delay, result.status,
                               result.reason)
 
     @staticmethod
-    def _postpone(push, until: float, result: Result | None = None) -> storage.Update:
+    def _postpone(push, until: float, result: Result | None = None) -> outbox.Update:
         """Keep the delivery pending, attempts unchanged (it was not the device's fault)."""
-        return storage.Update(push.delivery_id, DeliveryState.PENDING, push.attempts, until,
+        return outbox.Update(push.delivery_id, DeliveryState.PENDING, push.attempts, until,
                               result.status if result else None, result.reason if result else "provider_paused")
 
     def next_wakeup(self) -> float | None:
         """Epoch time at which there is next something to do, None when the outbox is empty."""
         with self.engine.connect() as conn:
-            return storage.next_wakeup(conn, self.clock())
+            return outbox.next_wakeup(conn, self.clock())
 
     def release(self) -> None:
         """Give back every lease we hold (on a clean stop), so others can take the rows at once."""
@@ -263,4 +263,4 @@ class Dispatcher:
     def _release(self, ids: set[int]) -> None:
         if ids:
             with self.writer.begin() as conn:
-                storage.release_leases(conn, self.owner, ids)
+                outbox.release_leases(conn, self.owner, ids)

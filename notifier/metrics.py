@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from notifier import storage
+from notifier import outbox, registry
 from notifier.config import Settings
 
 # a dispatcher silent for three intervals is taken for dead, and its leases are taken over by any
@@ -53,9 +53,9 @@ class _DatabaseCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         with self.engine.connect() as conn:
-            counts = storage.delivery_counts(conn)
-            depth = storage.queue_depth(conn, self.now)
-            status = storage.dispatcher_status(conn, self.now, HEARTBEAT_STALE_AFTER)
+            counts = outbox.delivery_counts(conn)
+            depth = outbox.queue_depth(conn, self.now)
+            status = registry.dispatcher_status(conn, self.now, HEARTBEAT_STALE_AFTER)
         by_state = GaugeMetricFamily(
             "chat_push_deliveries", "Deliveries by platform and current state (from the database).",
             labels=["platform", "state"])

@@ -1,10 +1,11 @@
-"""The small vocabulary shared by the storage, the providers and the dispatcher.
+"""The small vocabulary shared by the storage modules, the providers and the dispatcher.
 
 A leaf module: it imports nothing from the project.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from enum import Enum
 
 
@@ -64,3 +65,11 @@ class Result:
     status: int | None = None        # HTTP status, None when no answer came (connection loss, dry run)
     reason: str | None = None        # provider reason (BadDeviceToken, UNREGISTERED, dry_run, ...)
     retry_after: float | None = None  # seconds the provider asked us to wait, if it did
+
+
+def iso(epoch: float | None) -> str | None:
+    """Render an epoch time as API.md's ISO 8601 UTC string with a Z suffix."""
+    if epoch is None:
+        return None
+    text = datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")

@@ -8,7 +8,7 @@ by it (daemon=True); see shared/UWSGI.md for the measurements. This subclass und
 - run() starts a new session, ignores the signals a uWSGI worker's children must not act on,
   installs its own SIGTERM/SIGINT handling, and closes every socket it inherited;
 - the parent closes its SQLite connections before the fork (Waker.start), so no SQLite state
-  crosses it (notifier.storage.close_sqlite_before_fork says why that matters).
+  crosses it (notifier.db.close_sqlite_before_fork says why that matters).
 The outbox, not this process, is what makes pushes durable: if it dies, the next dispatcher of
 this host takes its leases over.
 """
@@ -24,7 +24,7 @@ import stat
 
 import setproctitle
 
-from notifier import storage
+from notifier import db
 from notifier.config import Settings, resolve_database_url
 from notifier.metrics import DispatcherMetrics
 from notifier.providers import build_providers
@@ -117,7 +117,7 @@ def run_dispatcher(settings: Settings, idle_exit: float | None) -> int:
     """Serve until idle (on demand) or until stopped: SIGTERM/SIGINT once for a warm stop (finish
     the batches in hand), twice to stop at once. Returns an exit code."""
     async def main() -> int:
-        engine = storage.make_engine(resolve_database_url(settings.database_url))
+        engine = db.make_engine(resolve_database_url(settings.database_url))
         runner = Runner(settings, engine, lambda: build_providers(settings), Listener(settings),
                         metrics=DispatcherMetrics(settings), idle_exit=idle_exit)
         loop = asyncio.get_running_loop()

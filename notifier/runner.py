@@ -25,7 +25,7 @@ from typing import Callable
 
 import sqlalchemy as sa
 
-from notifier import storage
+from notifier import db, outbox, registry
 from notifier.dispatcher import DB_RETRY_INTERVAL, Dispatcher
 from notifier.metrics import HEARTBEAT_INTERVAL, DispatcherMetrics
 from notifier.wakeup import Listener, nudge
@@ -79,7 +79,7 @@ class Runner:
                 if await self._sleep(DB_RETRY_INTERVAL) == "stop":
                     self.listener.close()
                     return False
-        owner = storage.lease_owner(host, pid, self.registry_id)
+        owner = registry.lease_owner(host, pid, self.registry_id)
         self.dispatcher = Dispatcher(self.settings, self.engine, self.make_providers(), self.metrics,
                                      clock=self.clock, owner=owner)
         self._log_takeover(taken)
@@ -89,10 +89,10 @@ class Runner:
 
     def _register(self, host: str, pid: int):
         now = self.clock()
-        with storage.writer(self.engine).begin() as conn:
-            registry_id = storage.register_dispatcher(conn, host, pid, now)
+        with db.writer(self.engine).begin() as conn:
+            registry_id = registry.register_dispatcher(conn, host, pid, now)
             # we hold the name, so every other dispatcher of this host registered as running is dead
-            taken = storage.take_over(conn, registry_id, now, host_id=host)
+            taken = registry.take_over(conn, registry_id, now, host_id=host)
         return registry_id, taken
 
     @staticmethod
@@ -232,8 +232,8 @@ class Runner:
 
     def _release_all(self) -> None:
         self.dispatcher.release()
-        with storage.writer(self.engine).begin() as conn:
-            storage.heartbeat(conn, self.registry_id, self.clock(), stopped=True)
+        with db.writer(self.engine).begin() as conn:
+            registry.heartbeat(conn, self.registry_id, self.clock(), stopped=True)
 
     # ------------------------------------------------------------------ heartbeat
 
@@ -249,7 +249,7 @@ class Runner:
                 taken = await self.dispatcher.db(self.beat, interval)
                 self._log_takeover(taken)
                 # SQLite's WAL, copied back while nobody waits for it: outside the queue, off the loop
-                await asyncio.to_thread(storage.checkpoint, self.engine)
+                await asyncio.to_thread(db.checkpoint, self.engine)
             except Exception:  # noqa: BLE001 - leases then expire or are taken over, at least once
                 logger.warning("notifier: heartbeat failed", exc_info=True)
 
@@ -257,10 +257,10 @@ class Runner:
         """One heartbeat: alive, leases in flight renewed, silent dispatchers taken over."""
         dispatcher = self.dispatcher
         now = self.clock()
-        with storage.writer(self.engine).begin() as conn:
-            storage.heartbeat(conn, self.registry_id, now)
-            storage.renew_leases(conn, dispatcher.owner, set(dispatcher.in_flight), now + self.settings.push_lease)
-            return storage.take_over(conn, self.registry_id, now,
+        with db.writer(self.engine).begin() as conn:
+            registry.heartbeat(conn, self.registry_id, now)
+            outbox.renew_leases(conn, dispatcher.owner, set(dispatcher.in_flight), now + self.settings.push_lease)
+            return registry.take_over(conn, self.registry_id, now,
                                      stale_before=now - STALE_HEARTBEATS * interval)
 
 
@@ -273,7 +273,7 @@ async def _listen_for_jobs(database_url: str, woken: asyncio.Event) -> None:
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-                await conn.execute(f"LISTEN {storage.NOTIFY_CHANNEL}")
+                await conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
                 woken.set()  # anything committed while we were not listening
                 async for _ in conn.notifies():
                     woken.set()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from notifier import storage
+from notifier import db, outbox
 from notifier.config import Settings
 from notifier.process import PushProcess
 from notifier.wakeup import nudge, someone_listens
@@ -60,7 +60,7 @@ class Waker:
         if self.settings.push_dispatcher == "external" or self._starting() or someone_listens(self.settings):
             return
         with self.engine.connect() as conn:
-            if not storage.work_pending(conn):
+            if not outbox.work_pending(conn):
                 return
         logger.info("notifier: work is pending and no dispatcher runs on this host; starting one")
         self.start()
@@ -69,7 +69,7 @@ class Waker:
         """Start a PushProcess, unless one we started is still starting, or the fork is not clean."""
         if self._starting():
             return  # ours is starting; it claims everything committed when it begins
-        if not storage.close_sqlite_before_fork():
+        if not db.close_sqlite_before_fork():
             # a SQLite connection of this process is in use (never expected between requests): a
             # fork now would carry its state; the watchdog tries again within a second
             logger.warning("notifier: a database connection is in use; not forking a dispatcher now")

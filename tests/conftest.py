@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from chat_app.app import create_app
-from notifier import storage
+from notifier import db
 from notifier.config import Settings
 from tests.e2e import running_fakes
 from tests.harness import UwsgiServer
@@ -120,8 +120,8 @@ def wakes() -> list:
 def schema_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty SQLite database with the schema, copied for each test (creating the schema is the slow part)."""
     path = tmp_path_factory.mktemp("template") / "chat.sqlite3"
-    engine = storage.make_engine(f"sqlite:///{path}")
-    storage.migrate(engine)
+    engine = db.make_engine(f"sqlite:///{path}")
+    db.migrate(engine)
     engine.dispose()
     return path
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from notifier import storage
+from notifier import db, schema
 from tests.fakes.apns import APNsFake
 from tests.fakes.fcm import FCMFake
 from tests.fakes.tls import make_apns_key, make_service_account, make_tls_material
@@ -106,8 +106,8 @@ def add_bulk_member(server: UwsgiServer, chat: Chat, apns_devices: int = 0, fcm_
              "enabled": True, "created_at": 0.0} for i in range(apns_devices)]
     rows += [{"user_id": user["id"], "platform": "fcm", "token": f"fcm-{start + i}", "app": None,
               "enabled": True, "created_at": 0.0} for i in range(fcm_devices)]
-    with storage.writer(server.engine).begin() as conn:
-        conn.execute(storage.devices.insert(), rows)
+    with db.writer(server.engine).begin() as conn:
+        conn.execute(schema.devices.insert(), rows)
     return [row["token"] for row in rows]
 
 
@@ -120,9 +120,9 @@ def post_message(server: UwsgiServer, chat: Chat, text: str = "hello") -> int:
 
 def delivery_states(server: UwsgiServer, message_id: int | None = None) -> dict:
     """Count of deliveries by state, read from the database."""
-    query = sa.select(storage.deliveries.c.state, sa.func.count()).group_by(storage.deliveries.c.state)
+    query = sa.select(schema.deliveries.c.state, sa.func.count()).group_by(schema.deliveries.c.state)
     if message_id is not None:
-        query = query.where(storage.deliveries.c.message_id == message_id)
+        query = query.where(schema.deliveries.c.message_id == message_id)
     with server.engine.connect() as conn:
         return dict(conn.execute(query).all())
 

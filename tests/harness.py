@@ -21,7 +21,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from notifier import storage
+from notifier import db, schema
 
 ROOT = Path(__file__).resolve().parent.parent
 UWSGI = Path(sys.executable).parent / "uwsgi"
@@ -212,14 +212,14 @@ class UwsgiServer:
     def engine(self):
         """An engine on the server's database, for set-up and inspection."""
         if self._engine is None:
-            self._engine = storage.make_engine(self.database_url)
+            self._engine = db.make_engine(self.database_url)
         return self._engine
 
     def dispatcher_pids(self) -> list[int]:
         """Pids of dispatchers registered in the database that are still running."""
         try:
             with self.engine.connect() as conn:
-                pids = conn.execute(sa.select(storage.dispatchers.c.pid)).scalars().all()
+                pids = conn.execute(sa.select(schema.dispatchers.c.pid)).scalars().all()
         except sa.exc.DBAPIError:
             return []
         return [pid for pid in set(pids) if pid_alive(pid) and self._ours(pid)]

@@ -2,7 +2,7 @@
 import pytest
 import sqlalchemy as sa
 
-from notifier import storage
+from notifier import model, schema
 from tests.webapp import API_TIME, assert_error, row_counts
 
 
@@ -13,8 +13,8 @@ def members_of(user_list):
 def muted_until(engine, chat_id, user_id):
     with engine.connect() as conn:
         return conn.execute(
-            sa.select(storage.members.c.muted_until)
-            .where(storage.members.c.chat_id == chat_id, storage.members.c.user_id == user_id)
+            sa.select(schema.members.c.muted_until)
+            .where(schema.members.c.chat_id == chat_id, schema.members.c.user_id == user_id)
         ).scalar_one()
 
 
@@ -264,7 +264,7 @@ def test_mute_until_a_time_echoes_it_in_utc_with_milliseconds(app, app_engine, s
 
     assert res.json == {"chat_id": chat["id"], "muted_until": echoed}
     assert API_TIME.match(res.json["muted_until"])
-    assert storage.iso(muted_until(app_engine, chat["id"], ann.id)) == echoed
+    assert model.iso(muted_until(app_engine, chat["id"], ann.id)) == echoed
 
 
 def test_mute_null_unmutes(app, app_engine, signup, make_chat):

@@ -2,7 +2,7 @@
 import pytest
 import sqlalchemy as sa
 
-from notifier import storage
+from notifier import schema
 from tests.conftest import APNS_TOPIC
 from tests.webapp import assert_error, row_counts
 
@@ -16,7 +16,7 @@ def register(client, user, status, **body):
 
 def device_rows(engine):
     with engine.connect() as conn:
-        return conn.execute(sa.select(storage.devices).order_by(storage.devices.c.id)).all()
+        return conn.execute(sa.select(schema.devices).order_by(schema.devices.c.id)).all()
 
 
 def test_apns_device_is_201_with_the_configured_topic_as_app(app, signup):

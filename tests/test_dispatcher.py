@@ -11,7 +11,8 @@ import asyncio
 import pytest
 import sqlalchemy as sa
 
-from notifier import storage
+from chat_app import store
+from notifier import db, devices, outbox, schema
 from notifier.config import Settings
 from notifier.dispatcher import AUTH_PAUSE, Dispatcher
 from notifier.model import Outcome, Platform, Result
@@ -48,25 +49,25 @@ class Clock:
 @pytest.fixture
 def world(tmp_path):
     """A chat of alice (sender, one phone), bob (two phones) and carol (muted, one phone)."""
-    engine = storage.make_engine(f"sqlite:///{tmp_path}/chat.sqlite3")
-    storage.migrate(engine)
-    with storage.writer(engine).begin() as conn:
-        alice = storage.create_user(conn, "alice", "h-a", T0)["id"]
-        bob = storage.create_user(conn, "bob", "h-b", T0)["id"]
-        carol = storage.create_user(conn, "carol", "h-c", T0)["id"]
-        storage.insert_device(conn, alice, "apns", "a" * 64, "app", T0)
-        bob_apns = storage.insert_device(conn, bob, "apns", "b" * 64, "app", T0)["id"]
-        bob_fcm = storage.insert_device(conn, bob, "fcm", "bob-fcm", None, T0)["id"]
-        storage.insert_device(conn, carol, "fcm", "carol-fcm", None, T0)
-        chat = storage.create_chat(conn, "team", alice, [bob, carol], T0)
-        storage.set_muted_until(conn, chat, carol, T0 + 3600)
+    engine = db.make_engine(f"sqlite:///{tmp_path}/chat.sqlite3")
+    db.migrate(engine)
+    with db.writer(engine).begin() as conn:
+        alice = store.create_user(conn, "alice", "h-a", T0)["id"]
+        bob = store.create_user(conn, "bob", "h-b", T0)["id"]
+        carol = store.create_user(conn, "carol", "h-c", T0)["id"]
+        devices.insert_device(conn, alice, "apns", "a" * 64, "app", T0)
+        bob_apns = devices.insert_device(conn, bob, "apns", "b" * 64, "app", T0)["id"]
+        bob_fcm = devices.insert_device(conn, bob, "fcm", "bob-fcm", None, T0)["id"]
+        devices.insert_device(conn, carol, "fcm", "carol-fcm", None, T0)
+        chat = store.create_chat(conn, "team", alice, [bob, carol], T0)
+        store.set_muted_until(conn, chat, carol, T0 + 3600)
     yield {"engine": engine, "alice": alice, "chat": chat, "bob_apns": bob_apns, "bob_fcm": bob_fcm}
     engine.dispose()
 
 
 def post(world, text="hello", now=T0):
-    with storage.writer(world["engine"]).begin() as conn:
-        return storage.insert_message_with_job(conn, world["chat"], world["alice"], text, None, now)["id"]
+    with db.writer(world["engine"]).begin() as conn:
+        return store.insert_message_with_job(conn, world["chat"], world["alice"], text, None, now)["id"]
 
 
 def make_dispatcher(world, clock, apns=None, fcm=None, **settings):
@@ -78,7 +79,7 @@ def make_dispatcher(world, clock, apns=None, fcm=None, **settings):
 
 def deliveries(world, message_id):
     with world["engine"].connect() as conn:
-        return {d["device_id"]: d for d in storage.message_deliveries(conn, message_id)}
+        return {d["device_id"]: d for d in outbox.message_deliveries(conn, message_id)}
 
 
 def test_sends_to_every_device_of_every_other_unmuted_member(world):
@@ -101,7 +102,7 @@ def test_dead_token_fails_the_delivery_and_disables_the_device(world):
     row = deliveries(world, message)[world["bob_apns"]]
     assert (row["state"], row["last_status"], row["last_reason"]) == ("failed", 410, "Unregistered")
     with world["engine"].connect() as conn:
-        assert [d["platform"] for d in storage.list_devices(conn, 2)] == ["fcm"]
+        assert [d["platform"] for d in devices.list_devices(conn, 2)] == ["fcm"]
     # a later message skips the dead device entirely
     later = post(world, "again")
     asyncio.run(dispatcher.drain())
@@ -117,8 +118,8 @@ def test_transient_failure_is_retried_after_backoff_honouring_retry_after(world)
     row = deliveries(world, message)[world["bob_fcm"]]
     assert (row["state"], row["attempts"], row["last_status"]) == ("pending", 1, 429)
     with world["engine"].connect() as conn:
-        due = conn.execute(sa.select(storage.deliveries.c.next_attempt_at)
-                           .where(storage.deliveries.c.device_id == world["bob_fcm"])).scalar_one()
+        due = conn.execute(sa.select(schema.deliveries.c.next_attempt_at)
+                           .where(schema.deliveries.c.device_id == world["bob_fcm"])).scalar_one()
     assert due >= T0 + 7.0  # never before Retry-After
     assert asyncio.run(dispatcher.drain()).claimed == 0  # not due yet
     clock.now = due
@@ -170,8 +171,8 @@ def test_a_lease_held_by_a_dead_dispatcher_is_taken_over_after_it_expires(world)
     clock = Clock()
     first, first_providers = make_dispatcher(world, clock)
     with first.writer.begin() as conn:  # the first dispatcher claims, then "dies" before sending
-        storage.expand_pending_jobs(conn, clock())
-        assert len(storage.claim_deliveries(conn, first.owner, clock(), 60, 100)) == 2
+        outbox.expand_pending_jobs(conn, clock())
+        assert len(outbox.claim_deliveries(conn, first.owner, clock(), 60, 100)) == 2
     second, providers = make_dispatcher(world, clock)
     second.owner = "second"
     assert asyncio.run(second.drain()).claimed == 0  # leases hold
@@ -182,27 +183,27 @@ def test_a_lease_held_by_a_dead_dispatcher_is_taken_over_after_it_expires(world)
 
 def _leases(world):
     with world["engine"].connect() as conn:
-        return conn.execute(sa.select(storage.deliveries.c.id, storage.deliveries.c.lease_owner,
-                                      storage.deliveries.c.state)).all()
+        return conn.execute(sa.select(schema.deliveries.c.id, schema.deliveries.c.lease_owner,
+                                      schema.deliveries.c.state)).all()
 
 
 def test_a_claim_lost_before_sending_is_given_back_at_the_next_pass_not_renewed(world, monkeypatch):
     message = post(world)
     dispatcher, providers = make_dispatcher(world, Clock())
-    real_load = storage.load_claimed
+    real_load = outbox.load_claimed
 
     def database_gone(conn, ids):  # the claim committed; the database fails before the batch is read
         raise sa.exc.OperationalError("SELECT ...", {}, Exception("server closed the connection"))
 
-    monkeypatch.setattr(storage, "load_claimed", database_gone)
+    monkeypatch.setattr(outbox, "load_claimed", database_gone)
     with pytest.raises(sa.exc.OperationalError):
         asyncio.run(dispatcher.drain())
     assert {owner for _, owner, _ in _leases(world)} == {"test-owner"}  # leased to us, not in flight
     assert dispatcher.in_flight == set()
     with dispatcher.writer.begin() as conn:  # what the heartbeat renews: nothing of a lost batch
-        assert storage.renew_leases(conn, dispatcher.owner, set(dispatcher.in_flight), T0 + 600) == 0
+        assert outbox.renew_leases(conn, dispatcher.owner, set(dispatcher.in_flight), T0 + 600) == 0
 
-    monkeypatch.setattr(storage, "load_claimed", real_load)
+    monkeypatch.setattr(outbox, "load_claimed", real_load)
     tally = asyncio.run(dispatcher.drain())  # the database is back
 
     assert tally.claimed == 2  # given back first, then claimed and sent at once, not after PUSH_LEASE

@@ -6,7 +6,7 @@ import logging
 import pytest
 from webtest import TestRequest
 
-from notifier import storage
+from chat_app import store
 from tests.webapp import ContractTestApp, assert_error, row_counts
 
 KIB_64 = 64 * 1024
@@ -405,7 +405,7 @@ def test_an_unexpected_error_is_500_internal_with_a_request_id_and_no_stack_trac
     def broken(*_args):
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(storage, "list_chats", broken)
+    monkeypatch.setattr(store, "list_chats", broken)
     with caplog.at_level(logging.ERROR, logger="chat_app.errors"):
         res = app.get("/v1/chats", headers=ann.headers, expect_errors=True)
 

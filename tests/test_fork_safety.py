@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from notifier import storage
+from notifier import db
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -34,10 +34,10 @@ def child_sees(database: str) -> int:
 
 @pytest.fixture
 def engine(tmp_path):
-    engine = storage.make_engine(f"sqlite:///{tmp_path}/chat.sqlite3")
-    storage.migrate(engine)
+    engine = db.make_engine(f"sqlite:///{tmp_path}/chat.sqlite3")
+    db.migrate(engine)
     with engine.connect() as conn:  # a pooled connection, as a worker has after a request
-        storage.ping(conn)
+        db.ping(conn)
     yield engine
     engine.dispose()
 
@@ -47,15 +47,15 @@ def test_a_worker_holds_the_database_open_between_requests(engine):
 
 
 def test_closing_before_the_fork_leaves_the_child_nothing_of_sqlite(engine):
-    assert storage.close_sqlite_before_fork() is True
+    assert db.close_sqlite_before_fork() is True
     assert open_database_files(engine.url.database) == []
     assert child_sees(engine.url.database) == 0
     with engine.connect() as conn:  # the parent reopens on its next use
-        storage.ping(conn)
+        db.ping(conn)
 
 
 def test_a_connection_in_use_makes_the_fork_unsafe_and_says_so(engine):
     with engine.connect() as conn:
-        storage.ping(conn)
-        assert storage.close_sqlite_before_fork() is False  # the Waker then does not fork now
-    assert storage.close_sqlite_before_fork() is True
+        db.ping(conn)
+        assert db.close_sqlite_before_fork() is False  # the Waker then does not fork now
+    assert db.close_sqlite_before_fork() is True

@@ -3,7 +3,8 @@ import pytest
 import sqlalchemy as sa
 
 from chat_app.app import create_app
-from notifier import storage
+from chat_app import store
+from notifier import db, outbox, schema
 from notifier.model import DeliveryState
 from tests.webapp import API_TIME, ContractTestApp, assert_error, row_counts
 
@@ -16,7 +17,7 @@ def post(client, user, chat, status=201, **body):
 
 def jobs(engine):
     with engine.connect() as conn:
-        return conn.execute(sa.select(storage.push_jobs).order_by(storage.push_jobs.c.id)).all()
+        return conn.execute(sa.select(schema.push_jobs).order_by(schema.push_jobs.c.id)).all()
 
 
 @pytest.fixture
@@ -269,7 +270,7 @@ def test_history_default_limit_is_50(app, pair):
     ann, _, chat = pair
     with app.app.config["chat.context"].engine.begin() as conn:
         for i in range(60):
-            storage.insert_message_with_job(conn, chat["id"], ann.id, f"m{i}", None, 1_000_000 + i)
+            store.insert_message_with_job(conn, chat["id"], ann.id, f"m{i}", None, 1_000_000 + i)
 
     messages = page(app, ann, chat).json["messages"]
 
@@ -314,8 +315,8 @@ def devices(app, pair):
 
 
 def expand_jobs(engine, now=2_000_000_000.0):
-    with storage.writer(engine).begin() as conn:
-        storage.expand_pending_jobs(conn, now)
+    with db.writer(engine).begin() as conn:
+        outbox.expand_pending_jobs(conn, now)
 
 
 def test_deliveries_of_a_message_not_yet_expanded_are_incomplete_and_zero(app, pair, devices):
@@ -350,11 +351,11 @@ def test_deliveries_are_complete_once_all_are_final(app, app_engine, pair, devic
     message = post(app, ann, chat, text="hi").json
     expand_jobs(app_engine)
     now = 2_000_000_000.0
-    with storage.writer(app_engine).begin() as conn:
-        first, second = storage.claim_deliveries(conn, "test", now, lease=60, limit=10)
-        storage.record_updates(conn, "test", [
-            storage.Update(first.push.delivery_id, DeliveryState.SENT, 1, now, 200, None, sent_at=now),
-            storage.Update(second.push.delivery_id, DeliveryState.FAILED, 1, now, 410, "Unregistered"),
+    with db.writer(app_engine).begin() as conn:
+        first, second = outbox.claim_deliveries(conn, "test", now, lease=60, limit=10)
+        outbox.record_updates(conn, "test", [
+            outbox.Update(first.push.delivery_id, DeliveryState.SENT, 1, now, 200, None, sent_at=now),
+            outbox.Update(second.push.delivery_id, DeliveryState.FAILED, 1, now, 410, "Unregistered"),
         ])
 
     res = app.get(f"/v1/messages/{message['id']}/deliveries", headers=ann.headers, status=200)

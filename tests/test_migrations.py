@@ -19,13 +19,14 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from chat_app.app import create_app
-from notifier import storage
+from chat_app import store
+from notifier import db, schema
 from notifier.config import Settings
 from tests.pg import require_postgres, temporary_database
 from tests.webapp import ContractTestApp
 
 DATA = Path(__file__).parent / "data"
-HEAD = ScriptDirectory(str(storage.MIGRATIONS)).get_current_head()
+HEAD = ScriptDirectory(str(db.MIGRATIONS)).get_current_head()
 FIRST_REVISION = "0001"
 NOW = 1_800_000_000.0
 # the tables of release 65147a6 and the columns it had, in its order (the rows are compared on these)
@@ -60,7 +61,7 @@ def url(request, tmp_path) -> str:
 @pytest.fixture
 def engine(url):
     """An engine on the empty database, made the way the service makes it."""
-    engine = storage.make_engine(url)
+    engine = db.make_engine(url)
     yield engine
     engine.dispose()
 
@@ -74,7 +75,7 @@ def release_statements(dialect: str) -> list[str]:
 
 def create_release_database(engine: sa.Engine) -> None:
     """What release 65147a6's create_schema left: its tables, and schema_version=1 in `meta`."""
-    with storage.writer(engine).begin() as conn:
+    with db.writer(engine).begin() as conn:
         for statement in release_statements(engine.dialect.name):
             conn.exec_driver_sql(statement)
         conn.exec_driver_sql("INSERT INTO meta VALUES ('schema_version', '1')")
@@ -92,10 +93,10 @@ def insert(conn: sa.Connection, table: str, **values) -> int | None:
 def fill_release_database(engine: sa.Engine) -> dict:
     """A row or more in every table, as the last release wrote them: a chat of three, a message sent to
     one phone and pending for another, a dispatcher; returns the tokens and ids the app checks use."""
-    with storage.writer(engine).begin() as conn:
-        ann = insert(conn, "users", name="ann", token_hash=storage.hash_token("ann-token"), created_at=NOW)
-        bob = insert(conn, "users", name="bob", token_hash=storage.hash_token("bob-token"), created_at=NOW)
-        cat = insert(conn, "users", name="cat", token_hash=storage.hash_token("cat-token"), created_at=NOW)
+    with db.writer(engine).begin() as conn:
+        ann = insert(conn, "users", name="ann", token_hash=store.hash_token("ann-token"), created_at=NOW)
+        bob = insert(conn, "users", name="bob", token_hash=store.hash_token("bob-token"), created_at=NOW)
+        cat = insert(conn, "users", name="cat", token_hash=store.hash_token("cat-token"), created_at=NOW)
         bob_phone = insert(conn, "devices", user_id=bob, platform="apns", token="b0" * 32, app="com.example.chat",
                            enabled=True, disabled_reason=None, created_at=NOW)
         cat_phone = insert(conn, "devices", user_id=cat, platform="fcm", token="cat-fcm-token", app=None,
@@ -150,22 +151,22 @@ def describe(engine: sa.Engine) -> dict:
 def revision(engine: sa.Engine) -> str | None:
     """The Alembic revision the database is at (None before the first upgrade)."""
     with engine.connect() as conn:
-        return storage.schema_revision(conn)
+        return db.schema_revision(conn)
 
 
 # ---------------------------------------------------------------- the last release's database, upgraded
 
 def test_schema_head_names_the_newest_revision():
     # start-up compares the database with this constant, so an up-to-date start imports no Alembic
-    assert storage.SCHEMA_HEAD == HEAD
+    assert db.SCHEMA_HEAD == HEAD
 
 
 def test_an_up_to_date_start_does_not_import_alembic(tmp_path):
     url = f"sqlite:///{tmp_path}/chat.sqlite3"
-    engine = storage.make_engine(url)
-    storage.migrate(engine)
+    engine = db.make_engine(url)
+    db.migrate(engine)
     engine.dispose()
-    code = ("import sys; from notifier import storage; storage.migrate(storage.make_engine(sys.argv[1])); "
+    code = ("import sys; from notifier import db; db.migrate(db.make_engine(sys.argv[1])); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))")
 
     result = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True,
@@ -189,7 +190,7 @@ def test_upgrade_keeps_every_row_of_the_last_release(engine):
     before = snapshot(engine)
     assert all(before.values()), {table: len(rows) for table, rows in before.items()}
 
-    storage.migrate(engine)
+    db.migrate(engine)
 
     assert snapshot(engine) == before
     assert revision(engine) == HEAD
@@ -231,10 +232,10 @@ def test_the_app_works_on_an_upgraded_database(url, engine, tmp_path):
 def test_upgrading_twice_is_a_no_op(engine):
     create_release_database(engine)
     fill_release_database(engine)
-    storage.migrate(engine)
+    db.migrate(engine)
     rows, schema = snapshot(engine), describe(engine)
 
-    storage.migrate(engine)
+    db.migrate(engine)
 
     assert snapshot(engine) == rows
     assert describe(engine) == schema
@@ -244,23 +245,23 @@ def test_upgrading_twice_is_a_no_op(engine):
 
 def test_an_upgraded_database_has_the_schema_of_a_new_one(engine):
     create_release_database(engine)
-    storage.migrate(engine)
+    db.migrate(engine)
     upgraded = describe(engine)
     with engine.begin() as conn:
-        for table in reversed(storage.metadata.sorted_tables):
+        for table in reversed(schema.metadata.sorted_tables):
             conn.execute(sa.text(f"DROP TABLE {table.name}"))
         conn.execute(sa.text("DROP TABLE alembic_version"))
 
-    storage.migrate(engine)  # from nothing, as `make run` on a new machine
+    db.migrate(engine)  # from nothing, as `make run` on a new machine
 
     assert describe(engine) == upgraded
 
 
 def test_the_migrations_make_the_tables_the_code_declares(engine):
-    storage.migrate(engine)
+    db.migrate(engine)
 
     with engine.connect() as conn:
-        differences = compare_metadata(MigrationContext.configure(conn), storage.metadata)
+        differences = compare_metadata(MigrationContext.configure(conn), schema.metadata)
     assert differences == []
 
 
@@ -268,34 +269,34 @@ def test_revision_0001_makes_exactly_the_last_release_schema(engine):
     create_release_database(engine)
     release = describe(engine)
     with engine.begin() as conn:
-        for table in [*reversed(storage.metadata.sorted_tables), sa.table("meta")]:
+        for table in [*reversed(schema.metadata.sorted_tables), sa.table("meta")]:
             conn.execute(sa.text(f"DROP TABLE {table.name}"))
 
-    with storage.migration_transaction(engine) as conn:
-        command.upgrade(storage.alembic_config(conn), FIRST_REVISION)
+    with db.migration_transaction(engine) as conn:
+        command.upgrade(db.alembic_config(conn), FIRST_REVISION)
 
-    schema = describe(engine)
-    assert schema.pop("alembic_version")
-    assert schema == release
+    made = describe(engine)
+    assert made.pop("alembic_version")
+    assert made == release
 
 
 # ---------------------------------------------------------------- refusals and concurrency
 
 def test_a_meta_table_of_an_unknown_version_is_refused(engine):
     create_release_database(engine)
-    with storage.writer(engine).begin() as conn:
+    with db.writer(engine).begin() as conn:
         conn.exec_driver_sql("UPDATE meta SET value = '7'")
 
     with pytest.raises(RuntimeError, match="schema_version='7'"):
-        storage.migrate(engine)
+        db.migrate(engine)
     assert revision(engine) is None  # the failed start-up changed nothing
 
 
 def _migrate_in_child(url: str, barrier) -> None:
     """A process starting the service: wait for the other, then migrate the same database."""
-    engine = storage.make_engine(url)
+    engine = db.make_engine(url)
     barrier.wait(timeout=PROCESS_TIMEOUT)
-    storage.migrate(engine)
+    db.migrate(engine)
     engine.dispose()
 
 

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 import sqlalchemy as sa
 
-from notifier import storage
+from notifier import schema
 from tests.e2e import add_bulk_member, apns_token, make_chat, post_message, wait_complete
 from tests.harness import UwsgiServer, wait_until
 from tests.pg import TempPostgres, require_postgres, temporary_database
@@ -60,17 +60,17 @@ def received_pairs(fakes) -> Counter:
 
 def dispatchers_by_host(server) -> dict:
     with server.engine.connect() as conn:
-        rows = conn.execute(sa.select(storage.dispatchers.c.host_id, storage.dispatchers.c.pid)
-                            .where(storage.dispatchers.c.stopped_at.is_(None))).all()
+        rows = conn.execute(sa.select(schema.dispatchers.c.host_id, schema.dispatchers.c.pid)
+                            .where(schema.dispatchers.c.stopped_at.is_(None))).all()
     alive = set(server.dispatcher_pids())
     return {host: pid for host, pid in rows if pid in alive}
 
 
 def sent_by_host(server) -> Counter:
     with server.engine.connect() as conn:
-        rows = conn.execute(sa.select(storage.deliveries.c.handled_by, sa.func.count())
-                            .where(storage.deliveries.c.state == "sent")
-                            .group_by(storage.deliveries.c.handled_by)).all()
+        rows = conn.execute(sa.select(schema.deliveries.c.handled_by, sa.func.count())
+                            .where(schema.deliveries.c.state == "sent")
+                            .group_by(schema.deliveries.c.handled_by)).all()
     return Counter(dict(rows))
 
 
@@ -158,8 +158,8 @@ def test_a_postgresql_restart_mid_fan_out_loses_nothing(tmp_path, fakes, hosts):
         after = post_message(server, chat, "after the restart")
         assert wait_complete(server, chat, after, 60)["summary"]["sent"] == len(tokens) + 1
         with server.engine.connect() as conn:
-            texts = conn.execute(sa.select(storage.messages.c.text)).scalars().all()
-            jobs = conn.execute(sa.select(sa.func.count()).select_from(storage.push_jobs)).scalar_one()
+            texts = conn.execute(sa.select(schema.messages.c.text)).scalars().all()
+            jobs = conn.execute(sa.select(sa.func.count()).select_from(schema.push_jobs)).scalar_one()
         assert "during" not in texts and jobs == len(texts)  # nothing half-written
     finally:
         if server is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from notifier import storage
+from notifier import schema
 
 from tests.e2e import add_bulk_member, apns_token, make_chat, post_message, wait_complete
 from tests.harness import UwsgiServer, pid_alive, wait_until
@@ -139,9 +139,9 @@ def dead_leases(server, pid: int) -> int:
     """Pending deliveries still leased to the dispatcher with this pid."""
     with server.engine.connect() as conn:
         return conn.execute(
-            sa.select(sa.func.count()).select_from(storage.deliveries)
-            .where(storage.deliveries.c.state == "pending",
-                   storage.deliveries.c.lease_owner.like(f"%:{pid}:%"))).scalar_one()
+            sa.select(sa.func.count()).select_from(schema.deliveries)
+            .where(schema.deliveries.c.state == "pending",
+                   schema.deliveries.c.lease_owner.like(f"%:{pid}:%"))).scalar_one()
 
 
 def test_a_killed_fan_out_is_taken_over_at_once_not_after_the_lease(servers, fakes):

@@ -9,7 +9,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from notifier import storage
+from notifier import db, outbox, registry, schema
 from notifier.config import Settings
 from notifier.dispatcher import DB_RETRY_INTERVAL
 from notifier.model import Platform
@@ -61,17 +61,17 @@ def make_runner(world, clock=None, monotonic=None, apns=None, fcm=None, idle_exi
 
 def register_dead(world, host_id: str, heartbeat_at: float = T0, lease_until: float = T0 + 60) -> str:
     """A dispatcher registered as running that claimed every delivery and then died."""
-    with storage.writer(world["engine"]).begin() as conn:
-        row = storage.register_dispatcher(conn, host_id, 4242, heartbeat_at)
-        owner = storage.lease_owner(host_id, 4242, row)
-        storage.expand_pending_jobs(conn, T0)
-        storage.claim_delivery_ids(conn, owner, T0, lease_until - T0, 100)
+    with db.writer(world["engine"]).begin() as conn:
+        row = registry.register_dispatcher(conn, host_id, 4242, heartbeat_at)
+        owner = registry.lease_owner(host_id, 4242, row)
+        outbox.expand_pending_jobs(conn, T0)
+        outbox.claim_delivery_ids(conn, owner, T0, lease_until - T0, 100)
     return owner
 
 
 def lease_owners(world) -> set:
     with world["engine"].connect() as conn:
-        return set(conn.execute(sa.select(storage.deliveries.c.lease_owner)).scalars())
+        return set(conn.execute(sa.select(schema.deliveries.c.lease_owner)).scalars())
 
 
 async def close(runner):
@@ -148,8 +148,8 @@ def test_the_leases_of_a_dead_dispatcher_of_this_host_are_taken_over_at_start_no
     asyncio.run(scenario())
     assert {r["state"] for r in deliveries(world, message).values()} == {"sent"}
     with world["engine"].connect() as conn:
-        assert conn.execute(sa.select(storage.dispatchers.c.stopped_at)
-                            .where(storage.dispatchers.c.pid == 4242)).scalar_one() == T0
+        assert conn.execute(sa.select(schema.dispatchers.c.stopped_at)
+                            .where(schema.dispatchers.c.pid == 4242)).scalar_one() == T0
 
 
 def test_a_dispatcher_of_another_host_is_taken_over_only_once_its_heartbeat_is_three_intervals_old(world):
@@ -178,16 +178,16 @@ def test_a_database_outage_is_waited_out_and_is_not_idleness(world, monkeypatch)
         monotonic = Monotonic()
         runner = make_runner(world, monotonic=monotonic, idle_exit=5.0)
         assert await runner.start()
-        real_claim = storage.claim_delivery_ids
+        real_claim = outbox.claim_delivery_ids
 
         def database_down(*args, **kwargs):
             raise sa.exc.OperationalError("UPDATE deliveries ...", {}, Exception("unable to open database file"))
 
-        monkeypatch.setattr(storage, "claim_delivery_ids", database_down)
+        monkeypatch.setattr(outbox, "claim_delivery_ids", database_down)
         for _ in range(3):
             monotonic.now += 10.0  # far past idle_exit, but it was an outage, not idleness
             assert await runner.step() == DB_RETRY_INTERVAL
-        monkeypatch.setattr(storage, "claim_delivery_ids", real_claim)
+        monkeypatch.setattr(outbox, "claim_delivery_ids", real_claim)
         assert await runner.step() == 0.0  # back: the work goes out
         assert someone_listens(runner.settings)
         await close(runner)
@@ -244,14 +244,14 @@ def test_the_heartbeat_renews_only_the_leases_in_flight(world):
         clock = Clock()
         runner = make_runner(world, clock=clock)
         assert await runner.start()
-        with storage.writer(world["engine"]).begin() as conn:
-            storage.expand_pending_jobs(conn, T0)
-            ids = storage.claim_delivery_ids(conn, runner.dispatcher.owner, T0, 60, 100)
+        with db.writer(world["engine"]).begin() as conn:
+            outbox.expand_pending_jobs(conn, T0)
+            ids = outbox.claim_delivery_ids(conn, runner.dispatcher.owner, T0, 60, 100)
         runner.dispatcher.in_flight.update(ids[:1])
         clock.now = T0 + 30
         runner.beat()
         with world["engine"].connect() as conn:
-            until = dict(conn.execute(sa.select(storage.deliveries.c.id, storage.deliveries.c.lease_until)).all())
+            until = dict(conn.execute(sa.select(schema.deliveries.c.id, schema.deliveries.c.lease_until)).all())
         assert until == {ids[0]: T0 + 30 + runner.settings.push_lease, ids[1]: T0 + 60}
         await close(runner)
 

@@ -1,4 +1,5 @@
-"""notifier.storage called directly, against SQLite and PostgreSQL: the schema, the outbox and its leases.
+"""The storage modules called directly (notifier.db, schema, outbox, devices, registry; chat_app.store),
+against SQLite and PostgreSQL: the schema, the outbox and its leases.
 
 PostgreSQL: TEST_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test) names a server on which
 this session creates a database of its own and drops it at the end; the tests skip when it cannot connect.
@@ -17,7 +18,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.pool import NullPool
 
 from chat_app.app import create_app
-from notifier import storage
+from chat_app import store
+from notifier import db, devices, model, outbox, registry, schema
 from notifier.config import Settings
 from notifier.model import DeliveryState, Platform
 from tests.webapp import ContractTestApp
@@ -25,7 +27,7 @@ from tests.webapp import ContractTestApp
 PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 NOW = 1_800_000_000.0
 LEASE = 60.0
-TABLES = list(storage.metadata.tables)
+TABLES = list(schema.metadata.tables)
 
 
 # ---------------------------------------------------------------- engines
@@ -50,9 +52,9 @@ def postgres_engine():
     name = f"chat_test_{uuid.uuid4().hex[:16]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    engine = storage.make_engine(server.set(database=name).render_as_string(hide_password=False))
+    engine = db.make_engine(server.set(database=name).render_as_string(hide_password=False))
     try:
-        storage.migrate(engine)
+        db.migrate(engine)
         yield engine
     finally:
         engine.dispose()
@@ -65,20 +67,20 @@ def postgres_engine():
 def engine(request, tmp_path):
     """An empty database with the schema: a new SQLite file, or the session's PostgreSQL database emptied."""
     if request.param == "sqlite":
-        engine = storage.make_engine(f"sqlite:///{tmp_path}/storage.sqlite3")
-        storage.migrate(engine)
+        engine = db.make_engine(f"sqlite:///{tmp_path}/storage.sqlite3")
+        db.migrate(engine)
         yield engine
         engine.dispose()
         return
     engine = request.getfixturevalue("postgres_engine")
     with engine.begin() as conn:
         conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
-    storage.migrate(engine)
+    db.migrate(engine)
     yield engine
 
 
 def write(engine):
-    return storage.writer(engine).begin()
+    return db.writer(engine).begin()
 
 
 def count(engine, table: sa.Table, *where) -> int:
@@ -106,11 +108,11 @@ class World:
 
 
 def add_user(conn, name: str) -> int:
-    return storage.create_user(conn, name, storage.hash_token(f"{name}-{uuid.uuid4()}"), NOW)["id"]
+    return store.create_user(conn, name, store.hash_token(f"{name}-{uuid.uuid4()}"), NOW)["id"]
 
 
 def add_device(conn, user_id: int, platform: str, token: str) -> int:
-    return storage.insert_device(conn, user_id, platform, token, "com.example" if platform == "apns" else None,
+    return devices.insert_device(conn, user_id, platform, token, "com.example" if platform == "apns" else None,
                                  NOW)["id"]
 
 
@@ -118,7 +120,7 @@ def add_device(conn, user_id: int, platform: str, token: str) -> int:
 def world(engine) -> World:
     with write(engine) as conn:
         ids = {name: add_user(conn, name) for name in ("ann", "bob", "cat", "dan", "eve", "fay")}
-        devices = {
+        phones = {
             "ann": add_device(conn, ids["ann"], "fcm", "ann-token"),
             "bob-apns": add_device(conn, ids["bob"], "apns", "b0" * 32),
             "bob-fcm": add_device(conn, ids["bob"], "fcm", "bob-old-phone"),
@@ -126,55 +128,55 @@ def world(engine) -> World:
             "dan": add_device(conn, ids["dan"], "fcm", "dan-token"),
             "eve": add_device(conn, ids["eve"], "fcm", "eve-token"),
         }
-        storage.disable_devices(conn, [devices["bob-fcm"]], "unregistered")
-        chat = storage.create_chat(conn, "trip", ids["ann"], [ids[n] for n in ("bob", "cat", "dan", "fay")], NOW)
-        storage.set_muted_until(conn, chat, ids["cat"], NOW + 3600)
-        storage.set_muted_until(conn, chat, ids["dan"], NOW - 1)
-    return World(chat=chat, devices=devices, **ids)
+        devices.disable_devices(conn, [phones["bob-fcm"]], "unregistered")
+        chat = store.create_chat(conn, "trip", ids["ann"], [ids[n] for n in ("bob", "cat", "dan", "fay")], NOW)
+        store.set_muted_until(conn, chat, ids["cat"], NOW + 3600)
+        store.set_muted_until(conn, chat, ids["dan"], NOW - 1)
+    return World(chat=chat, devices=phones, **ids)
 
 
 def post(engine, world: World, text: str = "hello", client_id: str | None = None, now: float = NOW) -> dict:
     with write(engine) as conn:
-        return storage.insert_message_with_job(conn, world.chat, world.ann, text, client_id, now)
+        return store.insert_message_with_job(conn, world.chat, world.ann, text, client_id, now)
 
 
 def expand_all(engine, now: float = NOW, budget: int | None = None) -> int:
     with write(engine) as conn:
-        return storage.expand_pending_jobs(conn, now, budget)
+        return outbox.expand_pending_jobs(conn, now, budget)
 
 
-def claim(engine, owner: str, now: float, limit: int = 100) -> list[storage.Claimed]:
+def claim(engine, owner: str, now: float, limit: int = 100) -> list[outbox.Claimed]:
     with write(engine) as conn:
-        return storage.claim_deliveries(conn, owner, now, LEASE, limit)
+        return outbox.claim_deliveries(conn, owner, now, LEASE, limit)
 
 
 def record(engine, owner: str, updates) -> int:
     with write(engine) as conn:
-        return storage.record_updates(conn, owner, updates)
+        return outbox.record_updates(conn, owner, updates)
 
 
-def sent(delivery_id: int, now: float = NOW) -> storage.Update:
-    return storage.Update(delivery_id, DeliveryState.SENT, 1, now, 200, None, sent_at=now)
+def sent(delivery_id: int, now: float = NOW) -> outbox.Update:
+    return outbox.Update(delivery_id, DeliveryState.SENT, 1, now, 200, None, sent_at=now)
 
 
 # ---------------------------------------------------------------- schema
 
 def test_migrate_is_idempotent_and_records_the_head_revision(engine):
-    storage.migrate(engine)
-    storage.migrate(engine)
+    db.migrate(engine)
+    db.migrate(engine)
 
     with engine.connect() as conn:
-        assert storage.schema_revision(conn) == ScriptDirectory(str(storage.MIGRATIONS)).get_current_head()
-        storage.ping(conn)
+        assert db.schema_revision(conn) == ScriptDirectory(str(db.MIGRATIONS)).get_current_head()
+        db.ping(conn)
     tables = set(sa.inspect(engine).get_table_names())
     assert set(TABLES) <= tables
     assert "meta" not in tables  # the first release's version row: alembic_version replaced it
 
 
 def test_migrate_keeps_existing_rows(engine, world):
-    storage.migrate(engine)
+    db.migrate(engine)
 
-    assert count(engine, storage.users) == 6
+    assert count(engine, schema.users) == 6
 
 
 def test_migrate_refuses_a_database_newer_than_the_code(engine):
@@ -183,11 +185,11 @@ def test_migrate_refuses_a_database_newer_than_the_code(engine):
 
     try:
         with pytest.raises(RuntimeError, match="ffff_from_a_newer_release is newer than this code"):
-            storage.migrate(engine)
+            db.migrate(engine)
     finally:  # the PostgreSQL database lives for the session: leave it migratable
         with write(engine) as conn:
             conn.execute(sa.text("UPDATE alembic_version SET version_num = :head"),
-                         {"head": ScriptDirectory(str(storage.MIGRATIONS)).get_current_head()})
+                         {"head": ScriptDirectory(str(db.MIGRATIONS)).get_current_head()})
 
 
 # ---------------------------------------------------------------- the message and its job: one write
@@ -196,31 +198,31 @@ def test_insert_message_with_job_writes_the_message_and_its_pending_job(engine, 
     message = post(engine, world, "hi", "c-1")
 
     assert message == {"id": message["id"], "chat_id": world.chat, "sender_id": world.ann, "text": "hi",
-                       "client_id": "c-1", "created_at": storage.iso(NOW)}
-    job, = rows(engine, storage.push_jobs)
+                       "client_id": "c-1", "created_at": model.iso(NOW)}
+    job, = rows(engine, schema.push_jobs)
     assert (job.message_id, job.state, job.cursor_user, job.created_at) == (message["id"], "pending", None, NOW)
     with engine.connect() as conn:
-        assert storage.get_message(conn, message["id"]) == message
-        assert storage.message_by_client_id(conn, world.chat, world.ann, "c-1") == message
-        assert storage.message_by_client_id(conn, world.chat, world.bob, "c-1") is None
+        assert store.get_message(conn, message["id"]) == message
+        assert store.message_by_client_id(conn, world.chat, world.ann, "c-1") == message
+        assert store.message_by_client_id(conn, world.chat, world.bob, "c-1") is None
 
 
 def test_a_transaction_that_fails_after_the_insert_leaves_neither_message_nor_job(engine, world):
     with pytest.raises(RuntimeError):
         with write(engine) as conn:
-            storage.insert_message_with_job(conn, world.chat, world.ann, "lost", None, NOW)
+            store.insert_message_with_job(conn, world.chat, world.ann, "lost", None, NOW)
             raise RuntimeError("the request failed later")
 
-    assert count(engine, storage.messages) == 0
-    assert count(engine, storage.push_jobs) == 0
+    assert count(engine, schema.messages) == 0
+    assert count(engine, schema.push_jobs) == 0
 
 
 def test_a_message_to_a_missing_chat_writes_nothing(engine, world):
     with pytest.raises(sa.exc.IntegrityError):
         with write(engine) as conn:
-            storage.insert_message_with_job(conn, 999, world.ann, "nowhere", None, NOW)
+            store.insert_message_with_job(conn, 999, world.ann, "nowhere", None, NOW)
 
-    assert (count(engine, storage.messages), count(engine, storage.push_jobs)) == (0, 0)
+    assert (count(engine, schema.messages), count(engine, schema.push_jobs)) == (0, 0)
 
 
 def test_a_duplicate_client_id_fails_as_a_whole(engine, world):
@@ -229,15 +231,15 @@ def test_a_duplicate_client_id_fails_as_a_whole(engine, world):
     with pytest.raises(sa.exc.IntegrityError):
         post(engine, world, "two", "same")
 
-    assert [m.id for m in rows(engine, storage.messages)] == [first["id"]]
-    assert [j.message_id for j in rows(engine, storage.push_jobs)] == [first["id"]]
+    assert [m.id for m in rows(engine, schema.messages)] == [first["id"]]
+    assert [j.message_id for j in rows(engine, schema.push_jobs)] == [first["id"]]
 
 
 def test_messages_without_client_id_never_collide(engine, world):
     post(engine, world, "one")
     post(engine, world, "two")
 
-    assert count(engine, storage.messages) == 2
+    assert count(engine, schema.messages) == 2
 
 
 # ---------------------------------------------------------------- jobs: claim and expand
@@ -247,23 +249,23 @@ def test_expand_job_makes_one_pending_delivery_per_recipient_device(engine, worl
 
     assert expand_all(engine) == 2
 
-    deliveries = rows(engine, storage.deliveries, storage.deliveries.c.device_id)
+    deliveries = rows(engine, schema.deliveries, schema.deliveries.c.device_id)
     assert [(d.device_id, d.platform) for d in deliveries] == [
         (world.devices["bob-apns"], "apns"), (world.devices["dan"], "fcm")]
     for d in deliveries:
         assert (d.message_id, d.state, d.attempts, d.next_attempt_at) == (message["id"], "pending", 0, NOW)
         assert (d.lease_owner, d.last_status, d.sent_at) == (None, None, None)
-    job, = rows(engine, storage.push_jobs)
+    job, = rows(engine, schema.push_jobs)
     assert job.state == "expanded"
     with engine.connect() as conn:
-        assert storage.job_expanded(conn, message["id"]) is True
+        assert outbox.job_expanded(conn, message["id"]) is True
 
 
 def test_the_sender_muted_members_disabled_devices_and_non_members_get_nothing(engine, world):
     post(engine, world)
     expand_all(engine)
 
-    targets = {d.device_id for d in rows(engine, storage.deliveries)}
+    targets = {d.device_id for d in rows(engine, schema.deliveries)}
     for excluded in ("ann", "bob-fcm", "cat", "eve"):
         assert world.devices[excluded] not in targets
 
@@ -273,35 +275,35 @@ def test_a_mute_ends_at_its_time(engine, world):
 
     expand_all(engine, now=NOW + 3600)
 
-    assert world.devices["cat"] in {d.device_id for d in rows(engine, storage.deliveries)}
+    assert world.devices["cat"] in {d.device_id for d in rows(engine, schema.deliveries)}
 
 
 def test_expanding_a_job_again_adds_nothing_twice(engine, world):
     post(engine, world)
     expand_all(engine)
-    before = rows(engine, storage.deliveries)
+    before = rows(engine, schema.deliveries)
     with write(engine) as conn:  # as if the "expanded" mark had been lost
-        conn.execute(storage.push_jobs.update().values(state="pending", cursor_user=None, cursor_device=None))
+        conn.execute(schema.push_jobs.update().values(state="pending", cursor_user=None, cursor_device=None))
 
     assert expand_all(engine, now=NOW + 100) == 0
 
-    assert rows(engine, storage.deliveries) == before
+    assert rows(engine, schema.deliveries) == before
 
 
 def test_expansion_goes_a_chunk_at_a_time_and_resumes_from_the_cursor_in_the_row(engine, world):
     post(engine, world)
 
     assert expand_all(engine, budget=1) == 1
-    job, = rows(engine, storage.push_jobs)
-    first, = rows(engine, storage.deliveries)
+    job, = rows(engine, schema.push_jobs)
+    first, = rows(engine, schema.deliveries)
     assert (job.state, job.cursor_device) == ("pending", first.device_id)  # committed with the row it covers
     with engine.connect() as conn:
-        assert storage.job_expanded(conn, job.message_id) is False
+        assert outbox.job_expanded(conn, job.message_id) is False
 
     assert expand_all(engine, budget=1) == 1  # another transaction, as another dispatcher would
     assert expand_all(engine, budget=1) == 0  # nothing left: the job is marked done
-    assert rows(engine, storage.push_jobs)[0].state == "expanded"
-    assert sorted(d.device_id for d in rows(engine, storage.deliveries)) == sorted(
+    assert rows(engine, schema.push_jobs)[0].state == "expanded"
+    assert sorted(d.device_id for d in rows(engine, schema.deliveries)) == sorted(
         [world.devices["bob-apns"], world.devices["dan"]])
 
 
@@ -309,10 +311,10 @@ def test_a_rolled_back_chunk_leaves_the_cursor_where_it_was(engine, world):
     post(engine, world)
     with pytest.raises(RuntimeError):
         with write(engine) as conn:
-            storage.expand_pending_jobs(conn, NOW, 1)
+            outbox.expand_pending_jobs(conn, NOW, 1)
             raise RuntimeError("the dispatcher dies before committing")
 
-    job, = rows(engine, storage.push_jobs)
+    job, = rows(engine, schema.push_jobs)
     assert (job.state, job.cursor_user, job.cursor_device) == ("pending", None, None)
     assert expand_all(engine) == 2
 
@@ -322,20 +324,20 @@ def test_expansion_takes_the_oldest_job_first_within_the_budget(engine, world):
 
     assert expand_all(engine, budget=5) == 5
 
-    by_message = Counter(d.message_id for d in rows(engine, storage.deliveries))
+    by_message = Counter(d.message_id for d in rows(engine, schema.deliveries))
     assert by_message == {ids[0]: 2, ids[1]: 2, ids[2]: 1}
-    assert [j.state for j in rows(engine, storage.push_jobs)] == ["expanded"] * 2 + ["pending"] * 3
+    assert [j.state for j in rows(engine, schema.push_jobs)] == ["expanded"] * 2 + ["pending"] * 3
 
 
 def test_a_job_without_recipients_is_marked_done_without_using_the_budget(engine, world):
     with write(engine) as conn:
-        solo = storage.create_chat(conn, "solo", world.ann, [], NOW)
-        storage.insert_message_with_job(conn, solo, world.ann, "note to self", None, NOW)
+        solo = store.create_chat(conn, "solo", world.ann, [], NOW)
+        store.insert_message_with_job(conn, solo, world.ann, "note to self", None, NOW)
     post(engine, world)
 
     assert expand_all(engine, budget=2) == 2
 
-    assert [j.state for j in rows(engine, storage.push_jobs)] == ["expanded", "expanded"]
+    assert [j.state for j in rows(engine, schema.push_jobs)] == ["expanded", "expanded"]
 
 
 def test_expanded_jobs_are_not_expanded_again(engine, world):
@@ -373,14 +375,14 @@ def test_a_leased_delivery_is_claimed_by_nobody_else_until_the_lease_expires(eng
     taken = claim(engine, "d2", NOW + LEASE)
 
     assert len(taken) == 2
-    assert {d.lease_owner for d in rows(engine, storage.deliveries)} == {"d2"}
+    assert {d.lease_owner for d in rows(engine, schema.deliveries)} == {"d2"}
 
 
 def test_claim_deliveries_respects_the_limit_and_the_due_time(engine, world):
     post(engine, world)
     expand_all(engine)
     first, = claim(engine, "d1", NOW, limit=1)
-    record(engine, "d1", [storage.Update(first.push.delivery_id, DeliveryState.PENDING, 1, NOW + 100, 503,
+    record(engine, "d1", [outbox.Update(first.push.delivery_id, DeliveryState.PENDING, 1, NOW + 100, 503,
                                          "Unavailable")])
 
     second, = claim(engine, "d1", NOW + 1)
@@ -395,7 +397,7 @@ def test_a_claimed_delivery_to_a_since_disabled_device_says_so(engine, world):
     post(engine, world)
     expand_all(engine)
     with write(engine) as conn:
-        storage.disable_devices(conn, [world.devices["dan"]], "deleted")
+        devices.disable_devices(conn, [world.devices["dan"]], "deleted")
 
     claimed = {c.push.device_id: c.device_enabled for c in claim(engine, "d1", NOW)}
 
@@ -407,13 +409,13 @@ def test_record_updates_writes_only_for_the_lease_owner_and_releases_the_lease(e
     expand_all(engine)
     claimed = claim(engine, "d1", NOW)
     updates = [sent(c.push.delivery_id, NOW + 1) for c in claimed]
-    before = rows(engine, storage.deliveries)
+    before = rows(engine, schema.deliveries)
 
     assert record(engine, "d2", updates) == 0
-    assert rows(engine, storage.deliveries) == before
+    assert rows(engine, schema.deliveries) == before
 
     assert record(engine, "d1", updates) == 2
-    for d in rows(engine, storage.deliveries):
+    for d in rows(engine, schema.deliveries):
         assert (d.state, d.attempts, d.last_status, d.sent_at) == ("sent", 1, 200, NOW + 1)
         assert (d.lease_owner, d.lease_until) == (None, None)
 
@@ -425,7 +427,7 @@ def test_a_dispatcher_that_lost_its_lease_cannot_overwrite_the_new_owner(engine,
     claim(engine, "d2", NOW + LEASE)
 
     assert record(engine, "d1", [sent(c.push.delivery_id) for c in stale]) == 0
-    assert {(d.state, d.lease_owner) for d in rows(engine, storage.deliveries)} == {("pending", "d2")}
+    assert {(d.state, d.lease_owner) for d in rows(engine, schema.deliveries)} == {("pending", "d2")}
 
 
 def test_final_deliveries_are_not_claimed_again(engine, world):
@@ -443,7 +445,7 @@ def test_release_leases_lets_another_dispatcher_take_over_at_once(engine, world)
     assert claim(engine, "d2", NOW + 1) == []  # leased
 
     with write(engine) as conn:
-        storage.release_leases(conn, "d1")
+        outbox.release_leases(conn, "d1")
 
     assert len(claim(engine, "d2", NOW + 1)) == 2
 
@@ -452,11 +454,11 @@ def test_message_deliveries_lists_them_by_device(engine, world):
     message = post(engine, world)
     expand_all(engine)
     first = claim(engine, "d1", NOW)[0]
-    record(engine, "d1", [storage.Update(first.push.delivery_id, DeliveryState.FAILED, 1, NOW, 410,
+    record(engine, "d1", [outbox.Update(first.push.delivery_id, DeliveryState.FAILED, 1, NOW, 410,
                                          "Unregistered")])
 
     with engine.connect() as conn:
-        listed = storage.message_deliveries(conn, message["id"])
+        listed = outbox.message_deliveries(conn, message["id"])
 
     assert [d["device_id"] for d in listed] == sorted([world.devices["bob-apns"], world.devices["dan"]])
     failed = next(d for d in listed if d["device_id"] == first.push.device_id)
@@ -468,77 +470,77 @@ def test_message_deliveries_lists_them_by_device(engine, world):
 
 def test_queue_depth_counts_pending_jobs_and_deliveries_and_the_oldest_age(engine, world):
     with engine.connect() as conn:
-        assert storage.queue_depth(conn, NOW) == {"pending_jobs": 0, "pending_deliveries": 0,
+        assert outbox.queue_depth(conn, NOW) == {"pending_jobs": 0, "pending_deliveries": 0,
                                                    "oldest_pending_age": 0.0}
     post(engine, world, now=NOW)
     post(engine, world, now=NOW + 10)
     with engine.connect() as conn:
-        assert storage.queue_depth(conn, NOW + 12.5) == {"pending_jobs": 2, "pending_deliveries": 0,
+        assert outbox.queue_depth(conn, NOW + 12.5) == {"pending_jobs": 2, "pending_deliveries": 0,
                                                          "oldest_pending_age": 12.5}
 
     expand_all(engine, now=NOW + 20)
 
     with engine.connect() as conn:
-        assert storage.queue_depth(conn, NOW + 30) == {"pending_jobs": 0, "pending_deliveries": 4,
+        assert outbox.queue_depth(conn, NOW + 30) == {"pending_jobs": 0, "pending_deliveries": 4,
                                                        "oldest_pending_age": 10.0}
     record(engine, "d1", [sent(c.push.delivery_id) for c in claim(engine, "d1", NOW + 30)])
     with engine.connect() as conn:
-        assert storage.queue_depth(conn, NOW + 40) == {"pending_jobs": 0, "pending_deliveries": 0,
+        assert outbox.queue_depth(conn, NOW + 40) == {"pending_jobs": 0, "pending_deliveries": 0,
                                                        "oldest_pending_age": 0.0}
 
 
 def test_next_wakeup_is_none_without_work(engine, world):
     with engine.connect() as conn:
-        assert storage.next_wakeup(conn, NOW) is None
+        assert outbox.next_wakeup(conn, NOW) is None
 
 
 def test_next_wakeup_is_now_while_a_job_is_left_to_expand(engine, world):
     post(engine, world)
     with engine.connect() as conn:
-        assert storage.next_wakeup(conn, NOW + 5) == NOW + 5
+        assert outbox.next_wakeup(conn, NOW + 5) == NOW + 5
 
 
 def test_next_wakeup_follows_the_earliest_due_or_leased_delivery(engine, world):
     post(engine, world)
     expand_all(engine)
     with engine.connect() as conn:
-        assert storage.next_wakeup(conn, NOW + 1) == NOW  # due since NOW
+        assert outbox.next_wakeup(conn, NOW + 1) == NOW  # due since NOW
     first, second = claim(engine, "d1", NOW)
-    record(engine, "d1", [storage.Update(first.push.delivery_id, DeliveryState.PENDING, 1, NOW + 300, 503, None),
-                          storage.Update(second.push.delivery_id, DeliveryState.PENDING, 1, NOW + 30, 429, None)])
+    record(engine, "d1", [outbox.Update(first.push.delivery_id, DeliveryState.PENDING, 1, NOW + 300, 503, None),
+                          outbox.Update(second.push.delivery_id, DeliveryState.PENDING, 1, NOW + 30, 429, None)])
     with engine.connect() as conn:
-        assert storage.next_wakeup(conn, NOW + 1) == NOW + 30
+        assert outbox.next_wakeup(conn, NOW + 1) == NOW + 30
     claim(engine, "d1", NOW + 30)  # leases the second until NOW + 30 + LEASE
     with engine.connect() as conn:
-        assert storage.next_wakeup(conn, NOW + 31) == NOW + 30 + LEASE
+        assert outbox.next_wakeup(conn, NOW + 31) == NOW + 30 + LEASE
     record(engine, "d1", [sent(second.push.delivery_id)])
     with engine.connect() as conn:
-        assert storage.next_wakeup(conn, NOW + 31) == NOW + 300
+        assert outbox.next_wakeup(conn, NOW + 31) == NOW + 300
 
 
 # ---------------------------------------------------------------- users, devices, chats
 
 def test_users_are_found_by_token_hash_only(engine):
     with write(engine) as conn:
-        user = storage.create_user(conn, "ann", storage.hash_token("secret"), NOW)
+        user = store.create_user(conn, "ann", store.hash_token("secret"), NOW)
     with engine.connect() as conn:
-        assert storage.user_by_token_hash(conn, storage.hash_token("secret")) == user
-        assert storage.user_by_token_hash(conn, storage.hash_token("other")) is None
-        assert storage.user_by_token_hash(conn, "secret") is None
-        assert storage.existing_user_ids(conn, [user["id"], user["id"], 999]) == {user["id"]}
-        assert storage.existing_user_ids(conn, []) == set()
+        assert store.user_by_token_hash(conn, store.hash_token("secret")) == user
+        assert store.user_by_token_hash(conn, store.hash_token("other")) is None
+        assert store.user_by_token_hash(conn, "secret") is None
+        assert store.existing_user_ids(conn, [user["id"], user["id"], 999]) == {user["id"]}
+        assert store.existing_user_ids(conn, []) == set()
 
 
 def test_a_token_is_one_device_row_that_can_change_hands(engine, world):
     with write(engine) as conn:
-        moved = storage.rebind_device(conn, world.devices["eve"], world.bob, "fcm", "com.x")
+        moved = devices.rebind_device(conn, world.devices["eve"], world.bob, "fcm", "com.x")
     with engine.connect() as conn:
         assert moved == {"id": world.devices["eve"], "platform": "fcm", "token": "eve-token", "app": "com.x"}
-        assert storage.device_owner(conn, world.devices["eve"]) == world.bob
-        assert [d["id"] for d in storage.list_devices(conn, world.bob)] == [world.devices["bob-apns"],
+        assert devices.device_owner(conn, world.devices["eve"]) == world.bob
+        assert [d["id"] for d in devices.list_devices(conn, world.bob)] == [world.devices["bob-apns"],
                                                                              world.devices["eve"]]
-        assert storage.list_devices(conn, world.eve) == []
-        assert storage.device_owner(conn, world.devices["bob-fcm"]) is None  # disabled
+        assert devices.list_devices(conn, world.eve) == []
+        assert devices.device_owner(conn, world.devices["bob-fcm"]) is None  # disabled
     with pytest.raises(sa.exc.IntegrityError):
         with write(engine) as conn:
             add_device(conn, world.ann, "fcm", "eve-token")
@@ -546,29 +548,29 @@ def test_a_token_is_one_device_row_that_can_change_hands(engine, world):
 
 def test_members_are_added_once_and_removed_once(engine, world):
     with write(engine) as conn:
-        assert storage.add_member(conn, world.chat, world.eve, NOW) is True
-        assert storage.add_member(conn, world.chat, world.eve, NOW) is False
+        assert store.add_member(conn, world.chat, world.eve, NOW) is True
+        assert store.add_member(conn, world.chat, world.eve, NOW) is False
     with engine.connect() as conn:
-        assert storage.is_member(conn, world.chat, world.eve)
-        assert [m["id"] for m in storage.chat_members(conn, world.chat)] == sorted(
+        assert store.is_member(conn, world.chat, world.eve)
+        assert [m["id"] for m in store.chat_members(conn, world.chat)] == sorted(
             [world.ann, world.bob, world.cat, world.dan, world.eve, world.fay])
     with write(engine) as conn:
-        assert storage.remove_member(conn, world.chat, world.eve) is True
-        assert storage.remove_member(conn, world.chat, world.eve) is False
+        assert store.remove_member(conn, world.chat, world.eve) is True
+        assert store.remove_member(conn, world.chat, world.eve) is False
     with engine.connect() as conn:
-        assert not storage.is_member(conn, world.chat, world.eve)
-        assert storage.list_chats(conn, world.eve) == []
-        assert storage.list_chats(conn, world.bob) == [{"id": world.chat, "name": "trip"}]
+        assert not store.is_member(conn, world.chat, world.eve)
+        assert store.list_chats(conn, world.eve) == []
+        assert store.list_chats(conn, world.bob) == [{"id": world.chat, "name": "trip"}]
 
 
 def test_list_messages_pages_by_id(engine, world):
     ids = [post(engine, world, f"m{i}")["id"] for i in range(6)]
 
     with engine.connect() as conn:
-        newest = storage.list_messages(conn, world.chat, None, None, 3)
-        before = storage.list_messages(conn, world.chat, ids[3], None, 10)
-        after = storage.list_messages(conn, world.chat, None, ids[3], 10)
-        between = storage.list_messages(conn, world.chat, ids[4], ids[1], 10)
+        newest = store.list_messages(conn, world.chat, None, None, 3)
+        before = store.list_messages(conn, world.chat, ids[3], None, 10)
+        after = store.list_messages(conn, world.chat, None, ids[3], 10)
+        between = store.list_messages(conn, world.chat, ids[4], ids[1], 10)
 
     assert [m["id"] for m in newest] == ids[:2:-1]
     assert [m["id"] for m in before] == ids[2::-1]
@@ -578,16 +580,16 @@ def test_list_messages_pages_by_id(engine, world):
 
 def test_dispatchers_are_alive_while_their_heartbeat_is_fresh(engine):
     with write(engine) as conn:
-        first = storage.register_dispatcher(conn, "host-a", 100, NOW)
-        second = storage.register_dispatcher(conn, "host-b", 200, NOW)
-        storage.heartbeat(conn, first, NOW + 10)
-        storage.heartbeat(conn, second, NOW + 10, stopped=True)
+        first = registry.register_dispatcher(conn, "host-a", 100, NOW)
+        second = registry.register_dispatcher(conn, "host-b", 200, NOW)
+        registry.heartbeat(conn, first, NOW + 10)
+        registry.heartbeat(conn, second, NOW + 10, stopped=True)
 
     with engine.connect() as conn:
-        status = storage.dispatcher_status(conn, NOW + 15, stale_after=6)
-        stale = storage.dispatcher_status(conn, NOW + 17, stale_after=6)
+        status = registry.dispatcher_status(conn, NOW + 15, stale_after=6)
+        stale = registry.dispatcher_status(conn, NOW + 17, stale_after=6)
 
-    assert status == {"alive": [{"host_id": "host-a", "pid": 100, "last_seen": storage.iso(NOW + 10)}], "starts": 2}
+    assert status == {"alive": [{"host_id": "host-a", "pid": 100, "last_seen": model.iso(NOW + 10)}], "starts": 2}
     assert stale == {"alive": [], "starts": 2}
 
 
@@ -597,7 +599,7 @@ def test_dispatchers_are_alive_while_their_heartbeat_is_fresh(engine):
     (None, None),
 ])
 def test_iso_is_utc_with_milliseconds_and_z(epoch, text):
-    assert storage.iso(epoch) == text
+    assert model.iso(epoch) == text
 
 
 # ---------------------------------------------------------------- the web layer on both engines
@@ -640,11 +642,11 @@ def test_ids_too_big_for_the_id_columns_are_404_or_400_never_500(client, big):
 # ---------------------------------------------------------------- SQLite: writers queue on a file lock
 
 def _write_in_child(url: str, ready, go, done) -> None:
-    engine = storage.make_engine(url)
+    engine = db.make_engine(url)
     ready.set()
     go.wait(10)
-    with storage.writer(engine).begin() as conn:  # the queue object inherited from the parent by fork
-        storage.create_user(conn, "child", "child-hash", NOW)
+    with db.writer(engine).begin() as conn:  # the queue object inherited from the parent by fork
+        store.create_user(conn, "child", "child-hash", NOW)
     done.set()
 
 
@@ -652,8 +654,8 @@ def test_sqlite_writers_of_forked_processes_queue_on_the_lock_file(tmp_path):
     import multiprocessing
 
     url = f"sqlite:///{tmp_path}/queue.sqlite3"
-    engine = storage.make_engine(url)
-    storage.migrate(engine)  # a write: this process's queue is open when it forks
+    engine = db.make_engine(url)
+    db.migrate(engine)  # a write: this process's queue is open when it forks
     fork = multiprocessing.get_context("fork")
     ready, go, done = fork.Event(), fork.Event(), fork.Event()
     # forked outside any transaction, as uWSGI forks workers and workers fork the dispatcher
@@ -663,7 +665,7 @@ def test_sqlite_writers_of_forked_processes_queue_on_the_lock_file(tmp_path):
         assert ready.wait(10)
         # the parent holds the queue only, not SQLite's lock: what the child waits on is the queue, and
         # only because it opened the lock file itself (an inherited descriptor shares our lock)
-        with storage._write_queue(str(tmp_path / "queue.sqlite3")):
+        with db._write_queue(str(tmp_path / "queue.sqlite3")):
             go.set()
             assert not done.wait(0.3), "the child wrote while the parent held the queue"
         assert done.wait(10), "the child was not let in when the parent committed"
@@ -675,7 +677,7 @@ def test_sqlite_writers_of_forked_processes_queue_on_the_lock_file(tmp_path):
     assert child.exitcode == 0
     assert (tmp_path / "queue.sqlite3-writers.lock").exists()
     with engine.connect() as conn:
-        names = conn.execute(sa.select(storage.users.c.name).order_by(storage.users.c.id)).scalars().all()
+        names = conn.execute(sa.select(schema.users.c.name).order_by(schema.users.c.id)).scalars().all()
     assert names == ["child"]
     engine.dispose()
 
@@ -684,16 +686,16 @@ def test_sqlite_write_queue_holds_across_a_fork_made_in_c_as_uwsgi_forks_its_wor
     import ctypes
     import select
 
-    engine = storage.make_engine(f"sqlite:///{tmp_path}/cfork.sqlite3")
-    storage.migrate(engine)  # the queue is open in this process, as in uWSGI's master
+    engine = db.make_engine(f"sqlite:///{tmp_path}/cfork.sqlite3")
+    db.migrate(engine)  # the queue is open in this process, as in uWSGI's master
     path = str(tmp_path / "cfork.sqlite3")
     read_end, write_end = os.pipe()
     libc_fork = ctypes.PyDLL(None).fork  # fork(2) itself: no Python at-fork hook runs, as under uWSGI
-    with storage._write_queue(path):
+    with db._write_queue(path):
         pid = libc_fork()
         if pid == 0:  # the child: take the queue, say so, leave at once
             try:
-                with storage._write_queue(path):
+                with db._write_queue(path):
                     os.write(write_end, b"in")
             finally:
                 os._exit(0)
@@ -717,17 +719,17 @@ def test_sqlite_write_queue_holds_across_a_fork_made_in_c_as_uwsgi_forks_its_wor
 def test_sqlite_writer_threads_of_one_process_take_turns(tmp_path):
     import threading
 
-    engine = storage.make_engine(f"sqlite:///{tmp_path}/threads.sqlite3")
-    storage.migrate(engine)
+    engine = db.make_engine(f"sqlite:///{tmp_path}/threads.sqlite3")
+    db.migrate(engine)
     inside, overlaps = [], []
 
     def write(i):
         for j in range(20):
-            with storage.writer(engine).begin() as conn:
+            with db.writer(engine).begin() as conn:
                 inside.append(i)
                 if len(inside) > 1:
                     overlaps.append(list(inside))
-                storage.create_user(conn, f"u{i}-{j}", f"h{i}-{j}", NOW)
+                store.create_user(conn, f"u{i}-{j}", f"h{i}-{j}", NOW)
                 inside.remove(i)
 
     threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
@@ -736,7 +738,7 @@ def test_sqlite_writer_threads_of_one_process_take_turns(tmp_path):
     for t in threads:
         t.join(30)
     assert overlaps == []
-    assert count(engine, storage.users) == 80
+    assert count(engine, schema.users) == 80
     engine.dispose()
 
 
@@ -744,21 +746,21 @@ def test_sqlite_commits_leave_the_wal_for_checkpoint_to_copy_outside_the_write_q
     import sqlite3
 
     path = tmp_path / "wal.sqlite3"
-    engine = storage.make_engine(f"sqlite:///{path}")
-    storage.migrate(engine)
-    storage.checkpoint(engine)
+    engine = db.make_engine(f"sqlite:///{path}")
+    db.migrate(engine)
+    db.checkpoint(engine)
     with engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == storage.WAL_SAFETY_PAGES
-    with storage.writer(engine).begin() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == db.WAL_SAFETY_PAGES
+    with db.writer(engine).begin() as conn:
         for i in range(50):
-            storage.create_user(conn, f"u{i}", f"h{i}", NOW)
+            store.create_user(conn, f"u{i}", f"h{i}", NOW)
 
     def users_in_the_database_file() -> int:  # immutable: the main file only, the WAL ignored
         with sqlite3.connect(f"file:{path}?immutable=1", uri=True) as raw:
             return raw.execute("SELECT count(*) FROM users").fetchone()[0]
 
     assert users_in_the_database_file() == 0  # the commit left its pages in the WAL
-    storage.checkpoint(engine)
+    db.checkpoint(engine)
     assert users_in_the_database_file() == 50
     engine.dispose()
 
@@ -769,25 +771,25 @@ def test_renew_leases_extends_only_the_given_deliveries_of_their_owner(engine, w
     first, second = (c.push.delivery_id for c in claim(engine, "d1", NOW))
 
     with write(engine) as conn:
-        assert storage.renew_leases(conn, "d1", {first}, NOW + 500) == 1
-        assert storage.renew_leases(conn, "d2", {second}, NOW + 500) == 0  # not d2's
+        assert outbox.renew_leases(conn, "d1", {first}, NOW + 500) == 1
+        assert outbox.renew_leases(conn, "d2", {second}, NOW + 500) == 0  # not d2's
 
-    until = {d.id: d.lease_until for d in rows(engine, storage.deliveries)}
+    until = {d.id: d.lease_until for d in rows(engine, schema.deliveries)}
     assert until == {first: NOW + 500, second: NOW + LEASE}
     with write(engine) as conn:
-        storage.release_leases(conn, "d1", {second})
-    assert {d.id: d.lease_owner for d in rows(engine, storage.deliveries)} == {first: "d1", second: None}
+        outbox.release_leases(conn, "d1", {second})
+    assert {d.id: d.lease_owner for d in rows(engine, schema.deliveries)} == {first: "d1", second: None}
 
 
 def test_a_writer_made_before_a_fork_queues_with_the_childs_own_lock_file(tmp_path):
     import ctypes
     import select
 
-    engine = storage.make_engine(f"sqlite:///{tmp_path}/early.sqlite3")
-    storage.migrate(engine)
-    early = storage.writer(engine)  # as the app made in uWSGI's master, before the workers fork
+    engine = db.make_engine(f"sqlite:///{tmp_path}/early.sqlite3")
+    db.migrate(engine)
+    early = db.writer(engine)  # as the app made in uWSGI's master, before the workers fork
     read_end, write_end = os.pipe()
-    with storage._write_queue(str(tmp_path / "early.sqlite3")):
+    with db._write_queue(str(tmp_path / "early.sqlite3")):
         pid = ctypes.PyDLL(None).fork()
         if pid == 0:  # the child writes through the Writer it inherited
             try:

@@ -4,7 +4,7 @@ import hashlib
 import pytest
 import sqlalchemy as sa
 
-from notifier import storage
+from notifier import schema
 from tests.webapp import assert_error, row_counts
 
 
@@ -22,7 +22,7 @@ def test_only_the_hash_of_the_token_is_stored(app, app_engine):
     token = app.post_json("/v1/users", {"name": "ann"}, status=201).json["token"]
 
     with app_engine.connect() as conn:
-        row = conn.execute(sa.select(storage.users)).one()
+        row = conn.execute(sa.select(schema.users)).one()
     assert row.token_hash == hashlib.sha256(token.encode()).hexdigest()
     assert token not in [str(value) for value in row]
 

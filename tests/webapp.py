@@ -10,7 +10,7 @@ from openapi_schema_validator import OAS30Validator
 from webtest import TestApp
 
 from chat_app.openapi import DOCUMENT
-from notifier import storage
+from notifier import schema
 
 API_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -45,7 +45,7 @@ def row_counts(engine: sa.Engine) -> dict[str, int]:
     """Rows in every table, to compare before and after a request that must not write."""
     with engine.connect() as conn:
         return {name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
-                for name, table in storage.metadata.tables.items()}
+                for name, table in schema.metadata.tables.items()}
 
 
 def schema_validator(schema: dict) -> OAS30Validator:

@@ -5,16 +5,17 @@ from bottle import request, response
 
 from chat_app import validation
 from chat_app.errors import forbidden, invalid_field, not_found
-from notifier import storage
+from chat_app import store
+from notifier import model
 
 
 def load_chat_as_member(ctx, conn, chat_id: str, user_id: int):
     """The chat row when it exists and the user is a member; else 404 or 403."""
     number = validation.path_id(chat_id)
-    chat = storage.get_chat(conn, number) if number else None
+    chat = store.get_chat(conn, number) if number else None
     if chat is None:
         raise not_found("chat")
-    if not storage.is_member(conn, chat.id, user_id):
+    if not store.is_member(conn, chat.id, user_id):
         raise forbidden("you are not a member of this chat")
     return chat
 
@@ -30,7 +31,7 @@ def member_caller(ctx, chat_id: str) -> dict:
 
 def chat_body(conn, chat) -> dict:
     """The API's representation of a chat with its members."""
-    return {"id": chat.id, "name": chat.name, "members": storage.chat_members(conn, chat.id)}
+    return {"id": chat.id, "name": chat.name, "members": store.chat_members(conn, chat.id)}
 
 
 def register(app, ctx) -> None:
@@ -44,11 +45,11 @@ def register(app, ctx) -> None:
         name = validation.text(body, "name", 64)
         member_ids = validation.id_list(body, "member_ids", validation.MAX_INITIAL_MEMBERS)
         with ctx.write() as conn:
-            unknown = set(member_ids) - storage.existing_user_ids(conn, member_ids)
+            unknown = set(member_ids) - store.existing_user_ids(conn, member_ids)
             if unknown:
                 raise invalid_field("member_ids", f"unknown user ids: {sorted(unknown)[:10]}")
-            chat_id = storage.create_chat(conn, name, user["id"], member_ids, ctx.clock())
-            result = chat_body(conn, storage.get_chat(conn, chat_id))
+            chat_id = store.create_chat(conn, name, user["id"], member_ids, ctx.clock())
+            result = chat_body(conn, store.get_chat(conn, chat_id))
         response.status = 201
         response.set_header("Location", f"/v1/chats/{chat_id}")
         return result
@@ -57,7 +58,7 @@ def register(app, ctx) -> None:
     def my_chats():
         with ctx.read() as conn:
             user = ctx.user(conn)
-            return {"chats": storage.list_chats(conn, user["id"])}
+            return {"chats": store.list_chats(conn, user["id"])}
 
     @app.get("/v1/chats/<chat_id:id>")
     def show_chat(chat_id):
@@ -72,9 +73,9 @@ def register(app, ctx) -> None:
         new_id = validation.integer_id(body, "user_id")
         with ctx.write() as conn:
             chat = load_chat_as_member(ctx, conn, chat_id, user["id"])
-            if not storage.existing_user_ids(conn, [new_id]):
+            if not store.existing_user_ids(conn, [new_id]):
                 raise not_found("user")
-            added = storage.add_member(conn, chat.id, new_id, ctx.clock())
+            added = store.add_member(conn, chat.id, new_id, ctx.clock())
             result = chat_body(conn, chat)
         response.status = 201 if added else 200
         return result
@@ -87,7 +88,7 @@ def register(app, ctx) -> None:
             target = validation.path_id(user_id)
             if target != user["id"] and user["id"] != chat.creator_id:
                 raise forbidden("only the chat's creator may remove other members")
-            if target is None or not storage.remove_member(conn, chat.id, target):
+            if target is None or not store.remove_member(conn, chat.id, target):
                 raise not_found("member")
         response.status = 204
         return ""
@@ -99,5 +100,5 @@ def register(app, ctx) -> None:
         until = validation.timestamp_or_null(body, "until")
         with ctx.write() as conn:
             chat = load_chat_as_member(ctx, conn, chat_id, user["id"])
-            storage.set_muted_until(conn, chat.id, user["id"], until)
-        return {"chat_id": chat.id, "muted_until": storage.iso(until)}
+            store.set_muted_until(conn, chat.id, user["id"], until)
+        return {"chat_id": chat.id, "muted_until": model.iso(until)}

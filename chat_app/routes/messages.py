@@ -9,7 +9,8 @@ from bottle import request, response
 from chat_app import validation
 from chat_app.errors import forbidden, not_found
 from chat_app.routes.chats import load_chat_as_member, member_caller
-from notifier import storage
+from chat_app import store
+from notifier import outbox
 from notifier.model import FINAL_STATES, DeliveryState
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def register(app, ctx) -> None:
             before = validation.query_id(request.query, "before")
             after = validation.query_id(request.query, "after")
             limit = validation.query_limit(request.query, 50, 200)
-            return {"messages": storage.list_messages(conn, chat.id, before, after, limit)}
+            return {"messages": store.list_messages(conn, chat.id, before, after, limit)}
 
     @app.get("/v1/messages/<message_id:id>")
     def show_message(message_id):
@@ -58,8 +59,8 @@ def register(app, ctx) -> None:
             message = _message_for_member(conn, message_id, user["id"])
             if message["sender_id"] != user["id"]:
                 raise forbidden("only the sender may see a message's deliveries")
-            rows = storage.message_deliveries(conn, message["id"])
-            expanded = storage.job_expanded(conn, message["id"])
+            rows = outbox.message_deliveries(conn, message["id"])
+            expanded = outbox.job_expanded(conn, message["id"])
         summary = {state.value: 0 for state in DeliveryState}
         for row in rows:
             summary[row["state"]] += 1
@@ -72,10 +73,10 @@ def _store(ctx, chat_id, sender_id: int, text: str, client_id: str | None) -> tu
     with ctx.write() as conn:
         chat = load_chat_as_member(ctx, conn, chat_id, sender_id)  # membership may have changed meanwhile
         if client_id is not None:
-            existing = storage.message_by_client_id(conn, chat.id, sender_id, client_id)
+            existing = store.message_by_client_id(conn, chat.id, sender_id, client_id)
             if existing is not None:
                 return 200, existing
-        return 201, storage.insert_message_with_job(conn, chat.id, sender_id, text, client_id, ctx.clock())
+        return 201, store.insert_message_with_job(conn, chat.id, sender_id, text, client_id, ctx.clock())
 
 
 def _wake(ctx) -> None:
@@ -88,9 +89,9 @@ def _wake(ctx) -> None:
 
 def _message_for_member(conn, message_id: str, user_id: int) -> dict:
     number = validation.path_id(message_id)
-    message = storage.get_message(conn, number) if number else None
+    message = store.get_message(conn, number) if number else None
     if message is None:
         raise not_found("message")
-    if not storage.is_member(conn, message["chat_id"], user_id):
+    if not store.is_member(conn, message["chat_id"], user_id):
         raise forbidden("you are not a member of this message's chat")
     return message

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from bottle import response
 
 from chat_app.openapi import openapi_document
-from notifier import metrics, storage
+from notifier import db, metrics, outbox, registry
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +20,9 @@ def register(app, ctx) -> None:
         now = ctx.clock()
         try:
             with ctx.read() as conn:
-                storage.ping(conn)
-                depth = storage.queue_depth(conn, now)
-                status = storage.dispatcher_status(conn, now, stale_after=metrics.HEARTBEAT_STALE_AFTER)
+                db.ping(conn)
+                depth = outbox.queue_depth(conn, now)
+                status = registry.dispatcher_status(conn, now, stale_after=metrics.HEARTBEAT_STALE_AFTER)
         except sa.exc.DBAPIError as exc:
             logger.warning("healthz: database unreachable: %s", type(exc.orig).__name__)
             response.status = 503

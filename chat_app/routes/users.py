@@ -6,7 +6,7 @@ import secrets
 from bottle import request, response
 
 from chat_app import validation
-from notifier import storage
+from chat_app import store
 
 
 def register(app, ctx) -> None:
@@ -18,7 +18,7 @@ def register(app, ctx) -> None:
         name = validation.text(body, "name", 64)
         token = secrets.token_urlsafe(32)  # shown once; only its hash is kept
         with ctx.write() as conn:
-            user = storage.create_user(conn, name, storage.hash_token(token), ctx.clock())
+            user = store.create_user(conn, name, store.hash_token(token), ctx.clock())
         response.status = 201
         return {**user, "token": token}
 

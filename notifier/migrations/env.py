@@ -1,6 +1,6 @@
 """Alembic's environment for the service's schema.
 
-Two ways in. At start-up, notifier.storage.migrate() passes its connection in
+Two ways in. At start-up, notifier.db.migrate() passes its connection in
 ``config.attributes["connection"]``, already inside the transaction that holds the migration lock:
 the revisions run in that transaction and this file opens nothing. From the command line, with the
 alembic.ini at the project root (``alembic check``, ``alembic revision --autogenerate``,
@@ -27,16 +27,16 @@ if connection is not None:
 else:
     import logging.config
 
-    from notifier import storage
+    from notifier import db, schema
     from notifier.config import load_settings, resolve_database_url
 
     if config.config_file_name is not None:
         logging.config.fileConfig(config.config_file_name)
-    engine = storage.make_engine(resolve_database_url(load_settings().database_url))
+    engine = db.make_engine(resolve_database_url(load_settings().database_url))
     try:
-        with storage.migration_transaction(engine) as conn:
+        with db.migration_transaction(engine) as conn:
             # the tables the code declares, so `alembic check` and --autogenerate compare against them
-            context.configure(connection=conn, target_metadata=storage.metadata, transactional_ddl=True)
+            context.configure(connection=conn, target_metadata=schema.metadata, transactional_ddl=True)
             with context.begin_transaction():
                 context.run_migrations()
     finally:

@@ -1,8 +1,8 @@
 """The schema of the first release (65147a6), as its create_all made it.
 
-Written out, not derived from notifier.storage.metadata: the metadata follows the code, a revision
+Written out, not derived from notifier.schema.metadata: the metadata follows the code, a revision
 stays what it was. A database made by that release (a `meta` row schema_version=1, no
-alembic_version table) is stamped with this revision by storage.migrate() instead of running it.
+alembic_version table) is stamped with this revision by db.migrate() instead of running it.
 
 Revision ID: 0001
 Revises:

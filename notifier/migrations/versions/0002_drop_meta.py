@@ -1,6 +1,6 @@
 """Drop the `meta` table: Alembic's alembic_version now records where the schema stands.
 
-The first release kept schema_version=1 there; storage.migrate() reads it once, to recognise a
+The first release kept schema_version=1 there; db.migrate() reads it once, to recognise a
 database of that release, before this revision runs.
 
 Revision ID: 0002

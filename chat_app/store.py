@@ -1,0 +1,156 @@
+"""The chat data the web layer owns: users, chats, members and their mute, messages.
+
+A message is inserted together with its push job (notifier.outbox.enqueue) in the caller's
+transaction, so a message and its pushes commit together or not at all.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from notifier import outbox
+from notifier.model import iso
+from notifier.schema import chats, members, messages, users
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a bearer token: a SHA-256 hex digest (tokens are random, no salt needed)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _insert(conn: Connection, table: sa.Table):
+    """A dialect insert, so ON CONFLICT DO NOTHING is available on both engines."""
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+def create_user(conn: Connection, name: str, token_hash: str, now: float) -> dict:
+    """Insert a user; return {"id", "name"}."""
+    user_id = conn.execute(
+        users.insert().values(name=name, token_hash=token_hash, created_at=now).returning(users.c.id)
+    ).scalar_one()
+    return {"id": user_id, "name": name}
+
+
+def user_by_token_hash(conn: Connection, token_hash: str) -> dict | None:
+    """The user owning this token hash, or None."""
+    row = conn.execute(sa.select(users.c.id, users.c.name).where(users.c.token_hash == token_hash)).first()
+    return dict(row._mapping) if row else None
+
+
+def existing_user_ids(conn: Connection, ids: Iterable[int]) -> set[int]:
+    """The subset of `ids` that are users."""
+    ids = list(set(ids))
+    if not ids:
+        return set()
+    return set(conn.execute(sa.select(users.c.id).where(users.c.id.in_(ids))).scalars())
+
+
+def create_chat(conn: Connection, name: str, creator_id: int, member_ids: Iterable[int], now: float) -> int:
+    """Insert a chat with its members (the creator included); return its id."""
+    chat_id = conn.execute(
+        chats.insert().values(name=name, creator_id=creator_id, created_at=now).returning(chats.c.id)
+    ).scalar_one()
+    ids = sorted({creator_id, *member_ids})
+    conn.execute(members.insert(), [{"chat_id": chat_id, "user_id": uid, "joined_at": now} for uid in ids])
+    return chat_id
+
+
+def get_chat(conn: Connection, chat_id: int):
+    """The chat row, or None."""
+    return conn.execute(sa.select(chats).where(chats.c.id == chat_id)).first()
+
+
+def chat_members(conn: Connection, chat_id: int) -> list[dict]:
+    """Members of a chat as {"id", "name"}, in id order."""
+    rows = conn.execute(
+        sa.select(users.c.id, users.c.name).join(members, members.c.user_id == users.c.id)
+        .where(members.c.chat_id == chat_id).order_by(users.c.id)
+    )
+    return [dict(row._mapping) for row in rows]
+
+
+def is_member(conn: Connection, chat_id: int, user_id: int) -> bool:
+    """Whether the user belongs to the chat."""
+    return conn.execute(
+        sa.select(members.c.user_id).where(members.c.chat_id == chat_id, members.c.user_id == user_id)
+    ).first() is not None
+
+
+def list_chats(conn: Connection, user_id: int) -> list[dict]:
+    """Chats the user is a member of, oldest first."""
+    rows = conn.execute(
+        sa.select(chats.c.id, chats.c.name).join(members, members.c.chat_id == chats.c.id)
+        .where(members.c.user_id == user_id).order_by(chats.c.id)
+    )
+    return [dict(row._mapping) for row in rows]
+
+
+def add_member(conn: Connection, chat_id: int, user_id: int, now: float) -> bool:
+    """Add a member; False when the user already was one."""
+    result = conn.execute(
+        _insert(conn, members).values(chat_id=chat_id, user_id=user_id, joined_at=now).on_conflict_do_nothing()
+        .execution_options(preserve_rowcount=True)  # SQLAlchemy keeps an INSERT's rowcount only when asked
+    )
+    return result.rowcount == 1
+
+
+def remove_member(conn: Connection, chat_id: int, user_id: int) -> bool:
+    """Remove a member; False when the user was not one."""
+    result = conn.execute(members.delete().where(members.c.chat_id == chat_id, members.c.user_id == user_id))
+    return result.rowcount == 1
+
+
+def set_muted_until(conn: Connection, chat_id: int, user_id: int, until: float | None) -> None:
+    """Mute the member's pushes for this chat until `until` (None unmutes)."""
+    conn.execute(
+        members.update().where(members.c.chat_id == chat_id, members.c.user_id == user_id)
+        .values(muted_until=until)
+    )
+
+
+def _message_dict(row) -> dict:
+    return {
+        "id": row.id, "chat_id": row.chat_id, "sender_id": row.sender_id, "text": row.text,
+        "client_id": row.client_id, "created_at": iso(row.created_at),
+    }
+
+
+def message_by_client_id(conn: Connection, chat_id: int, sender_id: int, client_id: str) -> dict | None:
+    """The message this sender already posted to this chat with this client_id, or None."""
+    row = conn.execute(
+        sa.select(messages).where(messages.c.chat_id == chat_id, messages.c.sender_id == sender_id,
+                                  messages.c.client_id == client_id)
+    ).first()
+    return _message_dict(row) if row else None
+
+
+def insert_message_with_job(conn: Connection, chat_id: int, sender_id: int, text: str,
+                            client_id: str | None, now: float) -> dict:
+    """Insert a message and its push job; the caller's transaction makes them one write."""
+    row = conn.execute(
+        messages.insert().values(chat_id=chat_id, sender_id=sender_id, text=text, client_id=client_id,
+                                 created_at=now).returning(*messages.c)
+    ).one()
+    outbox.enqueue(conn, row.id, now)
+    return _message_dict(row)
+
+
+def get_message(conn: Connection, message_id: int) -> dict | None:
+    """The message, or None."""
+    row = conn.execute(sa.select(messages).where(messages.c.id == message_id)).first()
+    return _message_dict(row) if row else None
+
+
+def list_messages(conn: Connection, chat_id: int, before: int | None, after: int | None, limit: int) -> list[dict]:
+    """A page of history: newest first, unless `after` is given (then oldest first)."""
+    query = sa.select(messages).where(messages.c.chat_id == chat_id)
+    if before is not None:
+        query = query.where(messages.c.id < before)
+    if after is not None:
+        query = query.where(messages.c.id > after)
+    order = messages.c.id.asc() if after is not None else messages.c.id.desc()
+    return [_message_dict(row) for row in conn.execute(query.order_by(order).limit(limit))]

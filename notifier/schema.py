@@ -1,0 +1,127 @@
+"""The tables: the one contract the web layer and the dispatcher share, on SQLAlchemy Core 2.x.
+
+Times are stored as UTC epoch seconds (float): they compare the same way on SQLite and PostgreSQL,
+and the dispatcher's `now` stays a plain number. The database gets these tables through the
+revisions in notifier/migrations/ (notifier.db.migrate), never from this metadata directly.
+"""
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+
+
+# the tables as the code uses them; notifier/migrations/ changes a database to match, one revision at a time
+metadata = sa.MetaData()
+
+
+# 64-bit ids on PostgreSQL (a busy service passes 2**31 deliveries); on SQLite an INTEGER primary
+# key is the 64-bit rowid already, and must stay INTEGER to be one
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+users = sa.Table(
+    "users", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+
+devices = sa.Table(
+    "devices", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("user_id", Id, sa.ForeignKey("users.id"), nullable=False, index=True),
+    sa.Column("platform", sa.String(8), nullable=False),
+    sa.Column("token", sa.String(4096), nullable=False),
+    sa.Column("app", sa.String(255)),
+    sa.Column("enabled", sa.Boolean, nullable=False, default=True),
+    # why the device stopped receiving: "unregistered" (the provider said so), "deleted" (the user)
+    sa.Column("disabled_reason", sa.String(64)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    # a token identifies one phone whatever the platform: it can belong to one user at a time
+    sa.UniqueConstraint("token", name="uq_devices_token"),
+)
+
+
+chats = sa.Table(
+    "chats", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("creator_id", Id, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+
+members = sa.Table(
+    "members", metadata,
+    sa.Column("chat_id", Id, sa.ForeignKey("chats.id"), primary_key=True),
+    sa.Column("user_id", Id, sa.ForeignKey("users.id"), primary_key=True),
+    sa.Column("muted_until", sa.Double),
+    sa.Column("joined_at", sa.Double, nullable=False),
+    sa.Index("ix_members_user", "user_id", "chat_id"),
+)
+
+
+messages = sa.Table(
+    "messages", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("chat_id", Id, sa.ForeignKey("chats.id"), nullable=False),
+    sa.Column("sender_id", Id, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("client_id", sa.String(64)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    # history pages walk (chat_id, id); retried POSTs look up (chat_id, sender_id, client_id)
+    sa.Index("ix_messages_chat", "chat_id", "id"),
+    sa.UniqueConstraint("chat_id", "sender_id", "client_id", name="uq_messages_client_id"),
+)
+
+
+push_jobs = sa.Table(
+    "push_jobs", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("message_id", Id, sa.ForeignKey("messages.id"), nullable=False, unique=True),
+    sa.Column("state", sa.String(16), nullable=False),  # pending -> expanded
+    # where the chunked expansion stands: the last (user_id, device_id) turned into a delivery. Kept
+    # in the row, committed with the deliveries it covers, so any dispatcher on any host can expand
+    # the next chunk, and a crash loses nothing
+    sa.Column("cursor_user", Id),
+    sa.Column("cursor_device", Id),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Index("ix_push_jobs_state", "state", "id"),
+)
+
+
+deliveries = sa.Table(
+    "deliveries", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("message_id", Id, sa.ForeignKey("messages.id"), nullable=False),
+    sa.Column("device_id", Id, sa.ForeignKey("devices.id"), nullable=False),
+    sa.Column("platform", sa.String(8), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.Double, nullable=False),
+    sa.Column("lease_owner", sa.String(128)),
+    sa.Column("lease_until", sa.Double),
+    sa.Column("last_status", sa.Integer),
+    sa.Column("last_reason", sa.String(255)),
+    sa.Column("sent_at", sa.Double),
+    # the host whose dispatcher made the last attempt (shows how several hosts share the work)
+    sa.Column("handled_by", sa.String(128)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.UniqueConstraint("message_id", "device_id", name="uq_deliveries_message_device"),
+    # the claim query: pending rows in due order
+    sa.Index("ix_deliveries_due", "state", "next_attempt_at"),
+)
+
+
+dispatchers = sa.Table(
+    "dispatchers", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("host_id", sa.String(128), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("heartbeat_at", sa.Double, nullable=False),
+    sa.Column("stopped_at", sa.Double),
+    sa.Index("ix_dispatchers_host", "host_id", "heartbeat_at"),
+)
