@@ -11,9 +11,9 @@ from typing import Callable, Iterator
 import sqlalchemy as sa
 from bottle import Bottle, HTTPResponse, request
 
-from chat_app.errors import ApiError, error_body, error_response, internal_error_response
-from chat_app.routes import chats, devices, messages, ops, users
 from chat_app import store
+from chat_app.errors import ApiError, error_body, error_response, internal_error_response, unknown_token
+from chat_app.routes import chats, devices, messages, ops, users
 from notifier import Waker, db
 from notifier.config import Settings, resolve_database_url
 
@@ -46,15 +46,20 @@ class Context:
 
     def user(self, conn: sa.Connection) -> dict:
         """The authenticated caller, or a 401."""
+        user = store.user_by_token_hash(conn, self.token_hash())
+        if user is None:
+            raise unknown_token()
+        return user
+
+    @staticmethod
+    def token_hash() -> str:
+        """The stored form of the request's bearer token, or a 401 when there is none."""
         header = request.get_header("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "unauthorized", "missing or malformed bearer token",
                            {"WWW-Authenticate": "Bearer"})
-        user = store.user_by_token_hash(conn, store.hash_token(token.strip()))
-        if user is None:
-            raise ApiError(401, "unauthorized", "unknown bearer token", {"WWW-Authenticate": "Bearer"})
-        return user
+        return store.hash_token(token.strip())
 
 
 def create_app(settings: Settings, wake: Callable[[], None] | None = None,

@@ -52,3 +52,8 @@ def internal_error_response(exc: BaseException | None) -> HTTPResponse:
     request_id = uuid.uuid4().hex[:12]
     logger.error("chat_app: internal error, request %s", request_id, exc_info=exc)
     return error_response(ApiError(500, "internal", f"internal error (request id {request_id})"))
+
+
+def unknown_token() -> ApiError:
+    """The 401 for a well-formed bearer token that belongs to nobody."""
+    return ApiError(401, "unauthorized", "unknown bearer token", {"WWW-Authenticate": "Bearer"})

@@ -324,7 +324,12 @@ def work_pending(conn: Connection) -> bool:
 def enqueue(conn: Connection, message_id: int, now: float) -> None:
     """Queue the push job of a message in the caller's transaction (the message's insert), so the
     message and its pushes commit together or not at all."""
-    conn.execute(push_jobs.insert().values(message_id=message_id, state="pending", created_at=now))
+    conn.execute(_ENQUEUE, {"message_id": message_id, "state": "pending", "created_at": now})
     if conn.dialect.name == "postgresql":
         # delivered to every listening dispatcher, on any host, when (and only if) this commits
-        conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+        conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL})
+
+
+# built once: the request path runs them on every POST
+_ENQUEUE = push_jobs.insert()
+_NOTIFY = sa.text("SELECT pg_notify(:channel, '')")

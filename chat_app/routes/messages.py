@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import logging
 
-import sqlalchemy as sa
 from bottle import request, response
 
-from chat_app import validation
-from chat_app.errors import forbidden, not_found
+from chat_app import store, validation
+from chat_app.errors import ApiError, forbidden, not_found
 from chat_app.routes.chats import load_chat_as_member, member_caller
-from chat_app import store
 from notifier import outbox
-from notifier.model import FINAL_STATES, DeliveryState
+from notifier.model import DeliveryState
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +23,7 @@ def register(app, ctx) -> None:
         body = validation.read_json_object(request, ctx.max_body)
         text = validation.text(body, "text", 4000)
         client_id = validation.text(body, "client_id", 64, required=False)
-        try:
-            status, message = _store(ctx, chat_id, user["id"], text, client_id)
-        except sa.exc.IntegrityError:
-            # a concurrent retry with the same client_id won the race: answer with its message
-            status, message = _store(ctx, chat_id, user["id"], text, client_id)
+        status, message = _store(ctx, chat_id, user["id"], text, client_id)
         if status == 201:
             _wake(ctx)
         response.status = status
@@ -68,15 +62,23 @@ def register(app, ctx) -> None:
         return {"message_id": message["id"], "complete": complete, "summary": summary, "deliveries": rows}
 
 
-def _store(ctx, chat_id, sender_id: int, text: str, client_id: str | None) -> tuple[int, dict]:
-    """Insert the message and its push job in one transaction; a known client_id returns the first one."""
-    with ctx.write() as conn:
-        chat = load_chat_as_member(ctx, conn, chat_id, sender_id)  # membership may have changed meanwhile
-        if client_id is not None:
-            existing = store.message_by_client_id(conn, chat.id, sender_id, client_id)
-            if existing is not None:
-                return 200, existing
-        return 201, store.insert_message_with_job(conn, chat.id, sender_id, text, client_id, ctx.clock())
+def _store(ctx, chat_id: str, sender_id: int, text: str, client_id: str | None) -> tuple[int, dict]:
+    """Insert the message and its push job in one transaction that only writes; a known client_id
+    returns the first message (200)."""
+    number = validation.path_id(chat_id)
+    for _ in range(2):
+        with ctx.write() as conn:
+            message = store.insert_message_with_job(conn, number, sender_id, text, client_id, ctx.clock())
+        if message is not None:
+            return 201, message
+        # nothing inserted: the sender left the chat since the check (403), or used this client_id before
+        with ctx.read() as conn:
+            load_chat_as_member(ctx, conn, chat_id, sender_id)
+            existing = store.message_by_client_id(conn, number, sender_id, client_id) if client_id else None
+        if existing is not None:
+            return 200, existing
+        # the first request with this client_id rolled back meanwhile: this one may go in now
+    raise ApiError(409, "conflict", "a request with this client_id is being processed; retry")
 
 
 def _wake(ctx) -> None:

@@ -5,8 +5,7 @@ import secrets
 
 from bottle import request, response
 
-from chat_app import validation
-from chat_app import store
+from chat_app import store, validation
 
 
 def register(app, ctx) -> None:
