@@ -11,7 +11,7 @@ import traceback
 
 from bench.common import RESULTS, machine_info, print_tables, save
 
-BENCHMARKS = ("latency", "fanout", "memory", "sustained", "multihost")
+BENCHMARKS = ("latency", "fanout", "memory", "sustained", "multihost", "floor")
 
 
 def main(argv=None) -> int:
