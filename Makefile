@@ -22,7 +22,10 @@ $(DEVSTAMP): $(STAMP) requirements-dev.txt
 ## start the service under uWSGI on 127.0.0.1:8080 (SQLite in var/, pushes in dry-run without credentials)
 run: $(STAMP)
 	mkdir -p var/run
-	rm -rf var/run/metrics
+	@# metric files of processes that are gone (not those of a dispatcher that outlived the last run:
+	@# it still writes to its files, and a deleted file would hide its counts until it exits)
+	@for f in var/run/metrics/*.db; do [ -e "$$f" ] || continue; pid=$${f##*_}; pid=$${pid%.db}; \
+		[ -d "/proc/$$pid" ] || rm -f "$$f"; done
 	$(VENV)/bin/uwsgi --ini uwsgi.ini
 
 ## check the import layers (.importlinter), then run the whole test suite
