@@ -61,6 +61,14 @@ def test_worker_recycled_after_the_post_is_not_delayed_and_nothing_is_lost(serve
     setup.stop()
     server = servers(fakes, SLOW, args=("--max-requests", "1", "--min-worker-lifetime", "1", "--processes", "1"),
                      workers=1, database_url=setup.database_url)
+    # The start-up probe may or may not have recycled the first worker (it does when it comes after
+    # min-worker-lifetime): recycle whichever worker runs now with a request at a known age, so the
+    # POST is the first request of a worker older than min-worker-lifetime, and recycles it
+    time.sleep(1.2)
+    respawns = server.log_path.read_text().count("Respawned uWSGI worker")
+    assert server.get("/healthz").status == 200
+    wait_until(lambda: server.log_path.read_text().count("Respawned uWSGI worker") > respawns, 10,
+               message="the probed worker to be recycled")
     time.sleep(1.2)  # older than min-worker-lifetime, so this worker recycles after one request
     log_before = server.log_path.read_text()
     posted = time.monotonic()
