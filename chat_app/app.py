@@ -38,10 +38,13 @@ class Context:
         with self.engine.connect() as conn:
             yield conn
 
+    def __post_init__(self):
+        self._writer = db.writer(self.engine)  # once: a Writer is safe across forks (db.Writer.begin)
+
     @contextmanager
     def write(self) -> Iterator[sa.Connection]:
         """A write transaction: committed when the block ends, rolled back when it raises."""
-        with db.writer(self.engine).begin() as conn:
+        with self._writer.begin() as conn:
             yield conn
 
     def user(self, conn: sa.Connection) -> dict:
