@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import ctypes
 import http.client
-import json
 import os
 import random
 import shutil
@@ -55,10 +54,9 @@ import sqlalchemy as sa
 
 from bench.common import machine_info, percentile, print_tables, save, table
 from notifier import schema
-from tests.e2e import KEY_ID, PROJECT, TEAM_ID, TOPIC, Chat, Fakes, add_bulk_member, make_chat
+from tests.e2e import Chat, Fakes, add_bulk_member, make_chat, running_fakes
 from tests.fakes.apns import APNsFake
 from tests.fakes.fcm import FCMFake
-from tests.fakes.tls import make_apns_key, make_service_account, make_tls_material
 from tests.harness import UwsgiServer, pid_alive, start_ticks, wait_until
 from tests.pg import TempPostgres
 
@@ -141,29 +139,9 @@ class RecordingFCMFake(FCMFake):
         super()._record(request, token, status, sent)
 
 
-@contextlib.contextmanager
 def recording_fakes(directory: Path):
     """tests.e2e.running_fakes with the recording fakes above; yields Fakes; always stops them."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tls = make_tls_material(directory / "tls")
-    key_path, public_key = make_apns_key(directory / "apns", key_id=KEY_ID)
-    apns = RecordingAPNsFake(tls, topic=TOPIC, key_id=KEY_ID, team_id=TEAM_ID, public_key_pem=public_key)
-    fcm = RecordingFCMFake(tls, project_id=PROJECT)
-    fakes = Fakes(apns, fcm)
-    try:
-        apns.start()
-        fcm.start()
-        account_path, account_key = make_service_account(directory / "fcm", fcm.token_uri, project_id=PROJECT)
-        fcm.add_service_account(json.loads(account_path.read_text())["client_email"], account_key)
-        fakes.env = {
-            "APNS_KEY_FILE": str(key_path), "APNS_KEY_ID": KEY_ID, "APNS_TEAM_ID": TEAM_ID,
-            "APNS_TOPIC": TOPIC, "APNS_ENDPOINT": apns.endpoint,
-            "FCM_SERVICE_ACCOUNT_FILE": str(account_path), "FCM_PROJECT_ID": PROJECT,
-            "FCM_ENDPOINT": fcm.base_url, "PUSH_CA_FILE": str(tls.ca_cert),
-        }
-        yield fakes
-    finally:
-        fakes.stop()
+    return running_fakes(directory, apns_class=RecordingAPNsFake, fcm_class=RecordingFCMFake)
 
 
 def accepted_pairs(fakes: Fakes) -> dict:

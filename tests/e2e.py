@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,13 +35,14 @@ class Fakes:
 
 
 @contextlib.contextmanager
-def running_fakes(directory: Path, **apns_options):
-    """Start an APNs fake (token auth) and an FCM fake; yield Fakes; always stop them."""
+def running_fakes(directory: Path, apns_class=APNsFake, fcm_class=FCMFake, **apns_options):
+    """Start an APNs fake (token auth) and an FCM fake (of these classes: subclasses may record
+    more); yield Fakes; always stop them."""
     directory.mkdir(parents=True, exist_ok=True)
     tls = make_tls_material(directory / "tls")
     key_path, public_key = make_apns_key(directory / "apns", key_id=KEY_ID)
-    apns = APNsFake(tls, topic=TOPIC, key_id=KEY_ID, team_id=TEAM_ID, public_key_pem=public_key, **apns_options)
-    fcm = FCMFake(tls, project_id=PROJECT)
+    apns = apns_class(tls, topic=TOPIC, key_id=KEY_ID, team_id=TEAM_ID, public_key_pem=public_key, **apns_options)
+    fcm = fcm_class(tls, project_id=PROJECT)
     fakes = Fakes(apns, fcm)
     try:
         apns.start()
@@ -59,7 +61,6 @@ def running_fakes(directory: Path, **apns_options):
 
 
 def _client_email(path: Path) -> str:
-    import json
     return json.loads(Path(path).read_text())["client_email"]
 
 
