@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from notifier import outbox
+from notifier import db, outbox
 from notifier.model import iso
 from notifier.schema import Id, chats, members, messages, users
 
@@ -38,15 +38,14 @@ def create_user(conn: Connection, name: str, token_hash: str, now: float) -> dic
 
 def user_by_token_hash(conn: Connection, token_hash: str) -> dict | None:
     """The user owning this token hash, or None."""
-    row = conn.execute(_statements(conn.dialect.name).user, {"token_hash": token_hash}).first()
-    return dict(row._mapping) if row else None
+    row = _statements(conn.dialect.name).user.first(conn, {"token_hash": token_hash})
+    return row._asdict() if row else None
 
 
 def caller_in_chat(conn: Connection, token_hash: str, chat_id: int):
     """In one statement: the user owning this token hash (None: unknown token), with `chat` (the
     chat exists) and `member` (the user belongs to it) set to 1 or None."""
-    return conn.execute(_statements(conn.dialect.name).caller_in_chat,
-                        {"token_hash": token_hash, "chat_id": chat_id}).first()
+    return _statements(conn.dialect.name).caller_in_chat.first(conn, {"token_hash": token_hash, "chat_id": chat_id})
 
 
 def existing_user_ids(conn: Connection, ids: Iterable[int]) -> set[int]:
@@ -69,7 +68,7 @@ def create_chat(conn: Connection, name: str, creator_id: int, member_ids: Iterab
 
 def get_chat(conn: Connection, chat_id: int):
     """The chat row, or None."""
-    return conn.execute(_statements(conn.dialect.name).chat, {"chat_id": chat_id}).first()
+    return _statements(conn.dialect.name).chat.first(conn, {"chat_id": chat_id})
 
 
 def chat_members(conn: Connection, chat_id: int) -> list[dict]:
@@ -83,8 +82,7 @@ def chat_members(conn: Connection, chat_id: int) -> list[dict]:
 
 def is_member(conn: Connection, chat_id: int, user_id: int) -> bool:
     """Whether the user belongs to the chat."""
-    return conn.execute(_statements(conn.dialect.name).is_member,
-                        {"chat_id": chat_id, "sender_id": user_id}).first() is not None
+    return _statements(conn.dialect.name).is_member.first(conn, {"chat_id": chat_id, "sender_id": user_id}) is not None
 
 
 def list_chats(conn: Connection, user_id: int) -> list[dict]:
@@ -144,9 +142,9 @@ def insert_message_with_job(conn: Connection, chat_id: int, sender_id: int, text
     sender already used in this chat is caught by its unique index (ON CONFLICT DO NOTHING).
     Returns the message, or None when nothing was inserted (the caller reads which of the two).
     """
-    row = conn.execute(_statements(conn.dialect.name).insert_message, {
+    row = _statements(conn.dialect.name).insert_message.first(conn, {
         "chat_id": chat_id, "sender_id": sender_id, "text": text, "client_id": client_id, "created_at": now,
-    }).first()
+    })
     if row is None:
         return None
     outbox.enqueue(conn, row.id, now)
@@ -154,20 +152,22 @@ def insert_message_with_job(conn: Connection, chat_id: int, sender_id: int, text
 
 
 class _Statements:
-    """The request path's statements, built once per dialect: SQLAlchemy then reuses their compiled
-    form, instead of building and hashing the expressions again on every request."""
+    """The request path's statements, built and compiled once per dialect and run on the driver
+    (db.DriverStatement): per request they cost the driver's execute, not SQLAlchemy's."""
 
     def __init__(self, dialect: str):
         chat_id, sender_id = sa.bindparam("chat_id", type_=Id), sa.bindparam("sender_id", type_=Id)
-        self.user = sa.select(users.c.id, users.c.name).where(users.c.token_hash == sa.bindparam("token_hash"))
+        fast = db.DriverStatement
+        self.user = fast(sa.select(users.c.id, users.c.name).where(users.c.token_hash == sa.bindparam("token_hash")))
         chat_exists = sa.select(sa.literal(1)).where(chats.c.id == chat_id).scalar_subquery()
         is_member = (sa.select(sa.literal(1)).where(members.c.chat_id == chat_id, members.c.user_id == users.c.id)
                      .scalar_subquery())
-        self.caller_in_chat = (sa.select(users.c.id, users.c.name, chat_exists.label("chat"), is_member.label("member"))
-                               .where(users.c.token_hash == sa.bindparam("token_hash")))
-        self.chat = sa.select(chats).where(chats.c.id == chat_id)
-        self.is_member = sa.select(members.c.user_id).where(members.c.chat_id == chat_id,
-                                                             members.c.user_id == sender_id)
+        self.caller_in_chat = fast(sa.select(users.c.id, users.c.name, chat_exists.label("chat"),
+                                             is_member.label("member"))
+                                   .where(users.c.token_hash == sa.bindparam("token_hash")))
+        self.chat = fast(sa.select(chats).where(chats.c.id == chat_id))
+        self.is_member = fast(sa.select(members.c.user_id).where(members.c.chat_id == chat_id,
+                                                                  members.c.user_id == sender_id))
         self.history = {}
         for before in (False, True):
             for after in (False, True):  # newest first, unless `after` is given (then oldest first)
@@ -177,15 +177,16 @@ class _Statements:
                 if after:
                     query = query.where(messages.c.id > sa.bindparam("after", type_=Id))
                 order = messages.c.id.asc() if after else messages.c.id.desc()
-                self.history[(before, after)] = query.order_by(order).limit(sa.bindparam("limit", type_=sa.Integer))
+                self.history[(before, after)] = fast(query.order_by(order)
+                                                     .limit(sa.bindparam("limit", type_=sa.Integer)))
         member = sa.exists().where(members.c.chat_id == chat_id, members.c.user_id == sender_id)
         values = sa.select(chat_id, sender_id, sa.bindparam("text", type_=sa.Text),
                            sa.bindparam("client_id", type_=sa.String), sa.bindparam("created_at", type_=sa.Double)
                            ).where(member)
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        self.insert_message = (insert(messages)
-                               .from_select(["chat_id", "sender_id", "text", "client_id", "created_at"], values)
-                               .on_conflict_do_nothing().returning(*messages.c))
+        self.insert_message = fast(insert(messages)
+                                   .from_select(["chat_id", "sender_id", "text", "client_id", "created_at"], values)
+                                   .on_conflict_do_nothing().returning(*messages.c))
 
 
 @functools.cache
@@ -203,4 +204,4 @@ def list_messages(conn: Connection, chat_id: int, before: int | None, after: int
     """A page of history: newest first, unless `after` is given (then oldest first)."""
     query = _statements(conn.dialect.name).history[(before is not None, after is not None)]
     params = {"chat_id": chat_id, "before": before, "after": after, "limit": limit}
-    return [_message_dict(row) for row in conn.execute(query, params)]
+    return [_message_dict(row) for row in query.all(conn, params)]

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from notifier import db
 from notifier.model import DeliveryState, Platform, Push, iso
 from notifier.schema import Id, chats, deliveries, devices, members, messages, push_jobs, users
 
@@ -71,7 +72,7 @@ def expand_pending_jobs(conn: Connection, now: float, budget: int | None = None)
         conn.dialect.name)
     created, after_job = 0, 0
     while budget is None or created < budget:
-        job = conn.execute(next_job, {"after_job": after_job}).first()
+        job = next_job.first(conn, {"after_job": after_job})
         if job is None:
             break
         after_job = job.id
@@ -80,22 +81,28 @@ def expand_pending_jobs(conn: Connection, now: float, budget: int | None = None)
                   "after_device": -1 if job.cursor_device is None else job.cursor_device}
         end = None
         if budget is not None:  # the chunk's last recipient, and whether any comes after it
-            bounds = conn.execute(chunk_end, {**params, "skip": budget - created - 1}).all()
+            bounds = chunk_end.all(conn, {**params, "skip": budget - created - 1})
             end = bounds[0] if len(bounds) == 2 else None
         if end is None:  # the rest fits in this chunk
-            created += max(conn.execute(expand_rest, params).rowcount, 0)
-            conn.execute(job_done, {"job": job.id})
+            created += _rowcount(expand_rest.execute(conn, params))
+            job_done.execute(conn, {"job": job.id}).close()
         else:
-            created += max(conn.execute(expand_upto, {**params, "end_user": end[0], "end_device": end[1]})
-                           .rowcount, 0)
-            conn.execute(move_cursor, {"job": job.id, "end_user": end[0], "end_device": end[1]})
+            created += _rowcount(expand_upto.execute(conn, {**params, "end_user": end[0], "end_device": end[1]}))
+            move_cursor.execute(conn, {"job": job.id, "end_user": end[0], "end_device": end[1]}).close()
     return created
+
+
+def _rowcount(cursor) -> int:
+    count = cursor.rowcount
+    cursor.close()
+    return max(count, 0)
 
 
 @functools.cache
 def _expansion_statements(dialect: str) -> tuple:
-    """The chunked expansion's statements, built once per dialect (SQLAlchemy then reuses their
-    compiled form instead of rebuilding and re-hashing the expressions on every call)."""
+    """The chunked expansion's statements, built once per dialect and run on the driver
+    (db.DriverStatement): they run inside the write transaction, on every nudge, per job; through
+    SQLAlchemy's execute they held SQLite's write queue about 0.3 ms per job."""
     now = sa.bindparam("now", type_=sa.Double)
     after_user, after_device = sa.bindparam("after_user", type_=Id), sa.bindparam("after_device", type_=Id)
     after = sa.and_(members.c.user_id >= after_user,
@@ -127,7 +134,7 @@ def _expansion_statements(dialect: str) -> tuple:
     if dialect == "postgresql":
         next_job = next_job.with_for_update(skip_locked=True)
     this_job = push_jobs.c.id == sa.bindparam("job", type_=Id)
-    return (
+    return tuple(db.DriverStatement(statement) for statement in (
         next_job,
         recipients(members.c.user_id, devices.c.id).order_by(members.c.user_id, devices.c.id)
         .limit(2).offset(sa.bindparam("skip", type_=sa.Integer)),
@@ -135,7 +142,7 @@ def _expansion_statements(dialect: str) -> tuple:
         insert(recipients(*columns).where(upto)),
         push_jobs.update().where(this_job).values(cursor_user=end_user, cursor_device=end_device),
         push_jobs.update().where(this_job).values(state="expanded"),
-    )
+    ))
 
 
 @dataclass(frozen=True)
@@ -324,12 +331,18 @@ def work_pending(conn: Connection) -> bool:
 def enqueue(conn: Connection, message_id: int, now: float) -> None:
     """Queue the push job of a message in the caller's transaction (the message's insert), so the
     message and its pushes commit together or not at all."""
-    conn.execute(_ENQUEUE, {"message_id": message_id, "state": "pending", "created_at": now})
+    params = {"message_id": message_id, "created_at": now}
     if conn.dialect.name == "postgresql":
-        # delivered to every listening dispatcher, on any host, when (and only if) this commits
-        conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL})
+        # the notification goes to every listening dispatcher, on any host, when (and only if)
+        # this commits; sent by the insert's own statement, one round trip for both
+        _ENQUEUE_AND_NOTIFY.execute(conn, params).close()
+    else:
+        _ENQUEUE.execute(conn, params).close()
 
 
-# built once: the request path runs them on every POST
-_ENQUEUE = push_jobs.insert()
-_NOTIFY = sa.text("SELECT pg_notify(:channel, '')")
+# compiled once and run on the driver: the request path runs them on every POST
+_ENQUEUE = db.DriverStatement(push_jobs.insert().values(
+    message_id=sa.bindparam("message_id"), state="pending", created_at=sa.bindparam("created_at")))
+_ENQUEUE_AND_NOTIFY = db.DriverStatement(
+    sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, ""))
+    .select_from(_ENQUEUE.statement.returning(push_jobs.c.id).cte("job")))

@@ -818,3 +818,72 @@ def test_a_writer_made_before_a_fork_queues_with_the_childs_own_lock_file(tmp_pa
         os.close(read_end)
         os.close(write_end)
     engine.dispose()
+
+
+# ---------------------------------------------------------------- statements run on the driver
+
+def test_a_driver_statement_runs_in_the_callers_transaction_and_rolls_back_with_it(engine, world):
+    before = count(engine, schema.messages)
+    with pytest.raises(RuntimeError):
+        with write(engine) as conn:
+            assert store.insert_message_with_job(conn, world.chat, world.ann, "gone", None, NOW) is not None
+            raise RuntimeError("after the insert")
+    assert count(engine, schema.messages) == before
+    assert count(engine, schema.push_jobs) == 0
+
+
+def test_a_driver_error_is_raised_as_sqlalchemy_raises_it_with_the_values_hidden(engine, world):
+    duplicate = db.DriverStatement(schema.users.insert().values(
+        name=sa.bindparam("name"), token_hash=sa.bindparam("token_hash"), created_at=sa.bindparam("created_at")))
+    with write(engine) as conn:
+        taken = store.user_by_token_hash(conn, store.hash_token("nobody")) or {}
+        assert taken == {}
+        secret_hash = conn.execute(sa.select(schema.users.c.token_hash).where(schema.users.c.id == world.ann)).scalar()
+    with pytest.raises(sa.exc.IntegrityError) as caught:
+        with write(engine) as conn:
+            duplicate.execute(conn, {"name": "again", "token_hash": secret_hash, "created_at": NOW})
+    assert "parameters hidden" in str(caught.value)  # our values (texts, hashes) stay out of logs
+    assert not caught.value.connection_invalidated
+
+
+def test_a_driver_statement_refuses_an_in_list():
+    statement = db.DriverStatement(sa.select(schema.users.c.id).where(schema.users.c.id.in_([1, 2])))
+    engine = db.make_engine("sqlite:///:memory:")
+    with engine.connect() as conn, pytest.raises(ValueError, match="IN lists"):
+        statement.first(conn, {})
+
+
+def test_a_lost_postgresql_connection_is_invalidated_and_the_next_request_reconnects(postgres_engine):
+    engine = postgres_engine
+    with engine.connect() as victim:
+        pid = victim.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        victim.commit()
+        with engine.connect() as killer:
+            killer.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            killer.commit()
+        with pytest.raises(sa.exc.OperationalError) as caught:
+            store.user_by_token_hash(victim, "x")
+        assert caught.value.connection_invalidated
+    with engine.connect() as conn:  # the pool dropped the dead connection
+        assert store.user_by_token_hash(conn, "x") is None
+
+
+def test_a_write_that_waits_past_sqlites_busy_timeout_is_an_operational_error(tmp_path):
+    """BEGIN IMMEDIATE runs on the driver too: a database held by a process that queues nowhere
+    (the sqlite3 shell) ends in SQLAlchemy's OperationalError, which the web layer answers 503."""
+    import sqlite3
+    path = tmp_path / "busy.sqlite3"
+    engine = db.make_engine(f"sqlite:///{path}", connect_args={"timeout": 0.05})
+    db.migrate(engine)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA busy_timeout=50")
+        with pytest.raises(sa.exc.OperationalError, match="locked"):
+            with write(engine) as conn:
+                store.user_by_token_hash(conn, "x")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        engine.dispose()
