@@ -14,8 +14,8 @@ from bottle import Bottle, HTTPResponse, request
 from chat_app import store
 from chat_app.errors import ApiError, error_body, error_response, internal_error_response, unknown_token
 from chat_app.routes import chats, devices, messages, ops, users
-from notifier import Waker, db
-from notifier.config import Settings, resolve_database_url
+import notifier
+from notifier import Settings, Waker, resolve_database_url
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Context:
             yield conn
 
     def __post_init__(self):
-        self._writer = db.writer(self.engine)  # once: a Writer is safe across forks (db.Writer.begin)
+        self._writer = notifier.writer(self.engine)  # once: a Writer is safe across forks (Writer.begin)
 
     @contextmanager
     def write(self) -> Iterator[sa.Connection]:
@@ -70,10 +70,10 @@ def create_app(settings: Settings, wake: Callable[[], None] | None = None,
     """Build the app; first upgrades the database to the newest schema (creating it when empty).
 
     `wake` defaults to the notifier's waker. Under uWSGI this runs once, in the master, before the
-    workers fork; several hosts starting at once take turns (db.migrate).
+    workers fork; several hosts starting at once take turns (notifier.migrate).
     """
-    engine = engine or db.make_engine(resolve_database_url(settings.database_url))
-    db.migrate(engine)
+    engine = engine or notifier.make_engine(resolve_database_url(settings.database_url))
+    notifier.migrate(engine)
     engine.dispose()  # uWSGI may fork workers from here: let each open its own connections
     app = Bottle(catchall=True, autojson=True)
     if wake is None:

@@ -1,6 +1,6 @@
 """The chat data the web layer owns: users, chats, members and their mute, messages.
 
-A message is inserted together with its push job (notifier.outbox.enqueue) in the caller's
+A message is inserted together with its push job (notifier.enqueue) in the caller's
 transaction, so a message and its pushes commit together or not at all.
 """
 from __future__ import annotations
@@ -13,9 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from notifier import db, outbox
-from notifier.model import iso
-from notifier.schema import Id, chats, members, messages, users
+from notifier import DriverStatement, Id, chats, enqueue, iso, members, messages, users
 
 
 def hash_token(token: str) -> str:
@@ -147,17 +145,17 @@ def insert_message_with_job(conn: Connection, chat_id: int, sender_id: int, text
     })
     if row is None:
         return None
-    outbox.enqueue(conn, row.id, now)
+    enqueue(conn, row.id, now)
     return _message_dict(row)
 
 
 class _Statements:
     """The request path's statements, built and compiled once per dialect and run on the driver
-    (db.DriverStatement): per request they cost the driver's execute, not SQLAlchemy's."""
+    (notifier.DriverStatement): per request they cost the driver's execute, not SQLAlchemy's."""
 
     def __init__(self, dialect: str):
         chat_id, sender_id = sa.bindparam("chat_id", type_=Id), sa.bindparam("sender_id", type_=Id)
-        fast = db.DriverStatement
+        fast = DriverStatement
         self.user = fast(sa.select(users.c.id, users.c.name).where(users.c.token_hash == sa.bindparam("token_hash")))
         chat_exists = sa.select(sa.literal(1)).where(chats.c.id == chat_id).scalar_subquery()
         is_member = (sa.select(sa.literal(1)).where(members.c.chat_id == chat_id, members.c.user_id == users.c.id)

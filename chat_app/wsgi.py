@@ -18,8 +18,7 @@ except ImportError:
     uwsgi = None
 
 from chat_app.app import create_app
-from notifier.config import load_settings
-from notifier.providers import check_configuration
+from notifier import check_configuration, load_settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
 

@@ -1,10 +1,41 @@
-"""The push dispatcher: outbox claiming, PushProcess, providers, retries.
+"""The push notifier: everything the web layer uses from it, and the only thing it imports.
 
-What the web layer uses: `Waker` (start or nudge this host's dispatcher, and the watchdog), and the
-modules `db` (engine, write transactions, migrate), `devices`, `outbox` (enqueue, the delivery
-report, queue depth), `registry` (dispatchers alive), `config`, `model` and `metrics`; its WSGI
-entry point also calls `providers.check_configuration` at start-up.
+`chat_app` imports `notifier` and these names, never a module inside it (an import-linter
+contract in .importlinter checks it, in `make test`). The modules behind them are the notifier's
+own business and may be rearranged freely.
+
+- configuration: `Settings`, `load_settings`, `resolve_database_url`, `check_configuration`
+- the database: `make_engine`, `migrate`, `writer` / `Writer` (write transactions), `ping`,
+  `DriverStatement` (a statement run on the driver, for the request path), and the schema's tables
+  the web layer owns the rows of (`users`, `chats`, `members`, `messages`, the `Id` type)
+- pushes: `enqueue` (a message's push job, in the message's own transaction) and `Waker` (start
+  or nudge this host's dispatcher; the watchdog)
+- devices: `insert_device`, `rebind_device`, `device_by_token`, `device_owner`, `list_devices`,
+  `disable_devices`
+- reports: `message_deliveries`, `job_expanded`, `queue_depth`, `dispatcher_status`,
+  `render_metrics`, `HEARTBEAT_STALE_AFTER`
+- vocabulary: `DeliveryState`, `iso`
 """
+from notifier.config import Settings, load_settings, resolve_database_url
+from notifier.db import DriverStatement, Writer, make_engine, migrate, ping, writer
+from notifier.devices import (device_by_token, device_owner, disable_devices, insert_device, list_devices,
+                              rebind_device)
+from notifier.metrics import HEARTBEAT_STALE_AFTER
+from notifier.metrics import render as render_metrics
+from notifier.model import DeliveryState, iso
+from notifier.outbox import enqueue, job_expanded, message_deliveries, queue_depth
+from notifier.providers import check_configuration
+from notifier.registry import dispatcher_status
+from notifier.schema import Id, chats, members, messages, users
 from notifier.waker import Waker
 
-__all__ = ["Waker"]
+__all__ = [
+    "Settings", "load_settings", "resolve_database_url", "check_configuration",
+    "make_engine", "migrate", "writer", "Writer", "ping", "DriverStatement",
+    "users", "chats", "members", "messages", "Id",
+    "enqueue", "Waker",
+    "insert_device", "rebind_device", "device_by_token", "device_owner", "list_devices", "disable_devices",
+    "message_deliveries", "job_expanded", "queue_depth", "dispatcher_status", "render_metrics",
+    "HEARTBEAT_STALE_AFTER",
+    "DeliveryState", "iso",
+]

@@ -267,3 +267,30 @@ def test_runners_of_two_tests_never_share_a_name(world):
     finally:
         first.close()
         second.close()
+
+
+def test_a_nudge_right_after_a_pass_waits_for_the_spacing_one_after_an_idle_spell_does_not(world, monkeypatch):
+    """Every POST nudges: under a stream of them a pass runs at most every NUDGE_SPACING, so one
+    write transaction expands several messages; a nudge after a quiet spell is served at once,
+    and a stop request ends the wait."""
+    import notifier.runner
+
+    monkeypatch.setattr(notifier.runner, "NUDGE_SPACING", 30.0)  # far longer than the test may take
+
+    async def scenario():
+        monotonic = Monotonic()
+        runner = make_runner(world, monotonic=monotonic)
+        assert await runner.start()
+        # a pass that started just now: the next one waits
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(runner._space_out(started=monotonic.now), 0.2)
+        # a pass that started longer ago than the spacing: no wait at all
+        await asyncio.wait_for(runner._space_out(started=monotonic.now - 31.0), 1.0)
+        # a stop request cuts the wait short
+        waiting = asyncio.create_task(runner._space_out(started=monotonic.now))
+        await asyncio.sleep(0.05)
+        runner.request_stop()
+        await asyncio.wait_for(waiting, 1.0)
+        await close(runner)
+
+    asyncio.run(scenario())

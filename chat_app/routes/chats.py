@@ -5,7 +5,7 @@ from bottle import request, response
 
 from chat_app import store, validation
 from chat_app.errors import forbidden, invalid_field, not_found, unknown_token
-from notifier import model
+from notifier import iso
 
 
 def load_chat_as_member(ctx, conn, chat_id: str, user_id: int):
@@ -107,4 +107,4 @@ def register(app, ctx) -> None:
         with ctx.write() as conn:
             chat = load_chat_as_member(ctx, conn, chat_id, user["id"])
             store.set_muted_until(conn, chat.id, user["id"], until)
-        return {"chat_id": chat.id, "muted_until": model.iso(until)}
+        return {"chat_id": chat.id, "muted_until": iso(until)}

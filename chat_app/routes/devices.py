@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from chat_app import validation
 from chat_app.errors import ApiError, forbidden, invalid_field, not_found
-from notifier import devices
+import notifier
 
 PLATFORMS = ("apns", "fcm")
 
@@ -38,19 +38,19 @@ def register(app, ctx) -> None:
     def my_devices():
         with ctx.read() as conn:
             user = ctx.user(conn)
-            return {"devices": devices.list_devices(conn, user["id"])}
+            return {"devices": notifier.list_devices(conn, user["id"])}
 
     @app.delete("/v1/devices/<device_id:id>")
     def delete_device(device_id):
         with ctx.write() as conn:
             user = ctx.user(conn)
             device_id = validation.path_id(device_id)
-            owner = devices.device_owner(conn, device_id) if device_id else None
+            owner = notifier.device_owner(conn, device_id) if device_id else None
             if owner is None:
                 raise not_found("device")
             if owner != user["id"]:
                 raise forbidden("this device belongs to another user")
-            devices.disable_devices(conn, [device_id], "deleted")
+            notifier.disable_devices(conn, [device_id], "deleted")
         response.status = 204
         return ""
 
@@ -58,15 +58,15 @@ def register(app, ctx) -> None:
 def _bind(ctx, user_id: int, platform: str, token: str, app_id: str | None) -> tuple[int, dict]:
     """Register `token` for the user: (201, device) when new to them, (200, device) when they had it."""
     with ctx.write() as conn:
-        existing = devices.device_by_token(conn, token)
+        existing = notifier.device_by_token(conn, token)
         if existing is None:
-            return 201, devices.insert_device(conn, user_id, platform, token, app_id, ctx.clock())
+            return 201, notifier.insert_device(conn, user_id, platform, token, app_id, ctx.clock())
         if existing.user_id == user_id and existing.enabled:
             if existing.platform != platform:
                 raise ApiError(409, "conflict", f"this token is already registered as a {existing.platform} device")
             if app_id != existing.app:
-                return 200, devices.rebind_device(conn, existing.id, user_id, platform, app_id)
+                return 200, notifier.rebind_device(conn, existing.id, user_id, platform, app_id)
             return 200, {"id": existing.id, "platform": existing.platform, "token": existing.token,
                          "app": existing.app}
         # the phone changed hands, or was deleted or unregistered and comes back
-        return 201, devices.rebind_device(conn, existing.id, user_id, platform, app_id)
+        return 201, notifier.rebind_device(conn, existing.id, user_id, platform, app_id)

@@ -8,8 +8,7 @@ from bottle import request, response
 from chat_app import store, validation
 from chat_app.errors import ApiError, forbidden, not_found
 from chat_app.routes.chats import load_chat_as_member, member_caller
-from notifier import outbox
-from notifier.model import DeliveryState
+from notifier import DeliveryState, job_expanded, message_deliveries
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +52,8 @@ def register(app, ctx) -> None:
             message = _message_for_member(conn, message_id, user["id"])
             if message["sender_id"] != user["id"]:
                 raise forbidden("only the sender may see a message's deliveries")
-            rows = outbox.message_deliveries(conn, message["id"])
-            expanded = outbox.job_expanded(conn, message["id"])
+            rows = message_deliveries(conn, message["id"])
+            expanded = job_expanded(conn, message["id"])
         summary = {state.value: 0 for state in DeliveryState}
         for row in rows:
             summary[row["state"]] += 1

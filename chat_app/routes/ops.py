@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from bottle import response
 
 from chat_app.openapi import openapi_document
-from notifier import db, metrics, outbox, registry
+import notifier
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +20,9 @@ def register(app, ctx) -> None:
         now = ctx.clock()
         try:
             with ctx.read() as conn:
-                db.ping(conn)
-                depth = outbox.queue_depth(conn, now)
-                status = registry.dispatcher_status(conn, now, stale_after=metrics.HEARTBEAT_STALE_AFTER)
+                notifier.ping(conn)
+                depth = notifier.queue_depth(conn, now)
+                status = notifier.dispatcher_status(conn, now, stale_after=notifier.HEARTBEAT_STALE_AFTER)
         except sa.exc.DBAPIError as exc:
             logger.warning("healthz: database unreachable: %s", type(exc.orig).__name__)
             response.status = 503
@@ -39,7 +39,7 @@ def register(app, ctx) -> None:
 
     @app.get("/metrics")
     def prometheus():
-        body, content_type = metrics.render(ctx.engine, ctx.settings, ctx.clock())
+        body, content_type = notifier.render_metrics(ctx.engine, ctx.settings, ctx.clock())
         response.content_type = content_type
         return body
 
