@@ -38,6 +38,15 @@ class Context:
         with self.engine.connect() as conn:
             yield conn
 
+    @contextmanager
+    def lookup(self) -> Iterator[sa.Connection]:
+        """Reads that need no snapshot across statements (the request path's checks and a history
+        page): on PostgreSQL without a transaction around them, one round trip per statement
+        instead of three (BEGIN, the query, ROLLBACK). On SQLite, read() already is that when the
+        statements run on the driver (store's DriverStatements)."""
+        with notifier.autocommit(self.engine) as conn:
+            yield conn
+
     def __post_init__(self):
         self._writer = notifier.writer(self.engine)  # once: a Writer is safe across forks (Writer.begin)
 

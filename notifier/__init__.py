@@ -5,7 +5,8 @@ contract in .importlinter checks it, in `make test`). The modules behind them ar
 own business and may be rearranged freely.
 
 - configuration: `Settings`, `load_settings`, `resolve_database_url`, `check_configuration`
-- the database: `make_engine`, `migrate`, `writer` / `Writer` (write transactions), `ping`,
+- the database: `make_engine`, `migrate`, `writer` / `Writer` (write transactions),
+  `autocommit` (reads without a transaction), `ping`,
   `DriverStatement` (a statement run on the driver, for the request path), and the schema's tables
   the web layer owns the rows of (`users`, `chats`, `members`, `messages`, the `Id` type)
 - pushes: `enqueue` (a message's push job, in the message's own transaction) and `Waker` (start
@@ -17,7 +18,7 @@ own business and may be rearranged freely.
 - vocabulary: `DeliveryState`, `iso`
 """
 from notifier.config import Settings, load_settings, resolve_database_url
-from notifier.db import DriverStatement, Writer, make_engine, migrate, ping, writer
+from notifier.db import DriverStatement, Writer, autocommit, make_engine, migrate, ping, writer
 from notifier.devices import (device_by_token, device_owner, disable_devices, insert_device, list_devices,
                               rebind_device)
 from notifier.metrics import HEARTBEAT_STALE_AFTER
@@ -31,7 +32,7 @@ from notifier.waker import Waker
 
 __all__ = [
     "Settings", "load_settings", "resolve_database_url", "check_configuration",
-    "make_engine", "migrate", "writer", "Writer", "ping", "DriverStatement",
+    "make_engine", "migrate", "writer", "Writer", "autocommit", "ping", "DriverStatement",
     "users", "chats", "members", "messages", "Id",
     "enqueue", "Waker",
     "insert_device", "rebind_device", "device_by_token", "device_owner", "list_devices", "disable_devices",

@@ -887,3 +887,20 @@ def test_a_write_that_waits_past_sqlites_busy_timeout_is_an_operational_error(tm
         holder.execute("ROLLBACK")
         holder.close()
         engine.dispose()
+
+
+def test_autocommit_reads_leave_no_transaction_open_and_hand_back_a_transactional_connection(postgres_engine):
+    import psycopg
+
+    engine = postgres_engine
+    with db.autocommit(engine) as conn:
+        store.user_by_token_hash(conn, "x")
+        driver = conn.connection.dbapi_connection
+        assert driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # no BEGIN was sent
+    assert driver.autocommit is False  # back in the pool as every other connection is
+    with pytest.raises(RuntimeError):  # and a write on it still rolls back as a whole
+        with write(engine) as conn:
+            store.create_user(conn, "rolled-back", "rolled-back-hash", NOW)
+            raise RuntimeError("after the insert")
+    with db.autocommit(engine) as conn:
+        assert store.user_by_token_hash(conn, "rolled-back-hash") is None

@@ -24,7 +24,7 @@ def member_caller(ctx, chat_id: str) -> dict:
     403 otherwise): what a route that writes to a chat establishes before it reads the body."""
     token_hash = ctx.token_hash()
     number = validation.path_id(chat_id)
-    with ctx.read() as conn:
+    with ctx.lookup() as conn:
         row = store.caller_in_chat(conn, token_hash, number or 0)
     if row is None:
         raise unknown_token()

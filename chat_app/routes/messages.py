@@ -31,7 +31,7 @@ def register(app, ctx) -> None:
 
     @app.get("/v1/chats/<chat_id:id>/messages")
     def history(chat_id):
-        with ctx.read() as conn:
+        with ctx.lookup() as conn:
             user = ctx.user(conn)
             chat = load_chat_as_member(ctx, conn, chat_id, user["id"])
             before = validation.query_id(request.query, "before")
