@@ -11,7 +11,7 @@ Both are driven by wrk (-t2 -c16, DURATION s per round, a Lua script in a tempor
 rounds that alternate floor, product, floor, product ... so both sides see the same share of this
 shared machine's noise. Per round: wrk's requests/s and latency percentiles, and the CPU of the
 uWSGI master and workers (utime + stime from /proc/PID/stat before and after; workers recycled by
-max-requests are counted through the master's cutime + cstime) divided by the requests.
+recycled by uWSGI are counted through the master's cutime + cstime) divided by the requests.
 
 Phases: POST and GET on SQLite (the product with PUSH_DISPATCHER=external: no dispatcher at all),
 one POST pair with the default on-demand dispatcher (forked by the workers; its own CPU is shown
@@ -154,7 +154,7 @@ def uwsgi_cpu(master: int) -> dict:
 
 def cpu_between(master: int, before: dict, after: dict) -> tuple[float, int]:
     """CPU seconds the master and workers used between two samples, and how many workers were
-    replaced meanwhile (max-requests): a reaped worker's whole life lands in the master's cutime,
+    replaced meanwhile (recycled by uWSGI): a reaped worker's whole life lands in the master's cutime,
     so its share before the first sample is taken off again."""
     ticks = sum(own - before.get(pid, (0, 0))[0] for pid, (own, _) in after.items())
     if master in before and master in after:
@@ -537,7 +537,7 @@ def tables(result: dict) -> list:
     out.append(table("Every round, in the order run",
                      ["workload", "db", "side", "pair", "req/s", "p50 ms", "p99 ms", "CPU ms/req", "recycled",
                       "wrk CPU s", "other CPU s", "load 1m"], rounds,
-                     ["recycled: workers replaced during the round (uwsgi.ini max-requests); their CPU is counted "
+                     ["recycled: workers replaced during the round (uwsgi.ini: by memory or age); their CPU is counted "
                       "through the master", "other CPU s: the machine's busy time minus uWSGI, wrk and the "
                       "dispatcher (and PostgreSQL's backends): the rest of this shared machine during the round"]))
     for name, prof in result.get("profiles", {}).items():
