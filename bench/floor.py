@@ -10,7 +10,7 @@ with HISTORY messages for the reads). No devices: the POST is measured, not the 
 Both are driven by wrk (-t2 -c16, DURATION s per round, a Lua script in a temporary folder), in
 rounds that alternate floor, product, floor, product ... so both sides see the same share of this
 shared machine's noise. Per round: wrk's requests/s and latency percentiles, and the CPU of the
-uWSGI master and workers (utime + stime from /proc/PID/stat before and after; workers recycled by
+uWSGI master and workers (utime + stime from /proc/PID/stat before and after; workers
 recycled by uWSGI are counted through the master's cutime + cstime) divided by the requests.
 
 Phases: POST and GET on SQLite (the product with PUSH_DISPATCHER=external: no dispatcher at all),
