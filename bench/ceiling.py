@@ -6,8 +6,12 @@ then keeps up to M streams in flight, opening as many as it may at once and writ
 frames in one write (several streams per flush). Headers are HPACK literals without Huffman coding;
 the constant ones (topic, JWT, ...) are indexed once per connection, the per-request ones are not.
 
-FCM: blocking `http.client` keep-alive connections, one per thread, as many threads as the
-dispatcher's pool (PUSH_FCM_THREADS), with an OAuth token fetched once.
+FCM: the same kind of raw `h2` client, N connections x M streams, to the fake's HTTP/2 listener
+(FCM_ENDPOINT_H2 / send_url in bench.fakes' info), with one OAuth access token fetched first from the
+token endpoint (HTTP/1.1, as google-auth does). A connection opens no stream before the server's first
+SETTINGS has arrived, then keeps min(M, its MAX_CONCURRENT_STREAMS) in flight (Google: 100). Headers
+as for APNs: literals without Huffman, the constant ones (path, authority, bearer token, content type)
+indexed once per connection, content-length not indexed.
 
 Requests are built before the clock starts: this measures what the fake and the wire allow.
 """
@@ -18,14 +22,14 @@ import http.client
 import json
 import os
 import ssl
-import threading
 import time
 from collections import deque
 from urllib.parse import quote, urlsplit
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
+from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged, ResponseReceived, StreamEnded, \
+    StreamReset
 from hpack import Encoder, NeverIndexedHeaderTuple
 
 from notifier.model import Platform, Push
@@ -182,7 +186,7 @@ def apns_ceiling(requests, host: str, port: int, ca_file: str, connections: int 
     return _timed(lambda: asyncio.run(_run_apns(requests, host, port, ca_file, connections, streams)))
 
 
-# ------------------------------------------------------------------ FCM over keep-alive HTTP/1.1
+# ------------------------------------------------------------------ FCM over raw h2
 
 def fcm_access_token(account_file: str, ca_file: str) -> str:
     """An OAuth access token from the fake's token endpoint (the JWT-bearer grant google-auth makes)."""
@@ -214,60 +218,143 @@ def fcm_requests(tokens, message_id: int = 1, ttl: int = 86400):
             for i, token in enumerate(tokens)]
 
 
-def fcm_ceiling(bodies, send_url: str, access_token: str, ca_file: str, threads: int = 32) -> dict:
-    return _timed(lambda: _fcm_ceiling(bodies, send_url, access_token, ca_file, threads))
+FCM_CONNECTIONS = 4
+FCM_STREAMS = 100  # what Google's front-ends (and the fake) advertise as MAX_CONCURRENT_STREAMS
 
 
-def _fcm_ceiling(bodies, send_url: str, access_token: str, ca_file: str, threads: int) -> dict:
+def fcm_h2_requests(bodies, send_url: str, access_token: str):
+    """(headers, body) per message body, for HTTP/2 POSTs to `send_url` with the bearer token."""
+    url = urlsplit(send_url)
+    constant = [(b":method", b"POST"), (b":scheme", b"https"), (b":path", url.path.encode()),
+                (b":authority", url.netloc.encode()), (b"authorization", f"Bearer {access_token}".encode()),
+                (b"content-type", b"application/json; UTF-8")]
+    return [(constant + [NeverIndexedHeaderTuple(b"content-length", str(len(body)).encode())], body)
+            for body in bodies]
+
+
+class _FCMClient(asyncio.Protocol):
+    def __init__(self, work: deque, max_streams: int, done: asyncio.Future, stats: dict):
+        self.work = work
+        self.max_streams = max_streams
+        self.done = done
+        self.stats = stats
+        self.conn = _Conn()
+        self.transport = None
+        self.in_flight = 0
+        self.settled = False  # the server's first SETTINGS (its stream limit) has arrived
+        self.statuses: dict = {}
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.conn.initiate_connection()
+        transport.write(self.conn.data_to_send())
+
+    def fill(self):
+        conn = self.conn
+        allowed = min(self.max_streams, conn.remote_settings.max_concurrent_streams)
+        while self.in_flight < allowed and self.work:
+            if conn.outbound_flow_control_window < len(self.work[0][1]):
+                break  # the connection's send window is spent: the next WINDOW_UPDATE calls fill() again
+            headers, body = self.work.popleft()
+            stream_id = conn.get_next_available_stream_id()
+            conn.counted = self.in_flight
+            conn.send_headers(stream_id, headers)
+            conn.send_data(stream_id, body, end_stream=True)
+            self.in_flight += 1
+        self.flush()
+        if not self.work and self.in_flight == 0 and not self.done.done():
+            self.done.set_result(None)
+
+    def flush(self):
+        data = self.conn.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def data_received(self, data):
+        conn = self.conn
+        for event in conn.receive_data(data):
+            kind = type(event)
+            if kind is ResponseReceived:
+                for name, value in event.headers:
+                    if name == b":status":
+                        self.statuses[value] = self.statuses.get(value, 0) + 1
+            elif kind is DataReceived:
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif kind is StreamEnded or kind is StreamReset:
+                if kind is StreamReset:
+                    self.statuses[b"RST_STREAM"] = self.statuses.get(b"RST_STREAM", 0) + 1
+                self.in_flight -= 1
+                self.stats["answered"] += 1
+                if self.stats["first"] is None:
+                    self.stats["first"] = time.perf_counter()
+            elif kind is RemoteSettingsChanged:
+                self.settled = True
+            elif kind is ConnectionTerminated:
+                if not self.done.done():
+                    self.done.set_exception(ConnectionError(f"GOAWAY {event.error_code!r}"))
+        if self.settled:
+            self.fill()
+        else:
+            self.flush()
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"lost: {exc}"))
+
+
+async def _run_fcm(requests, send_url: str, ca_file: str, connections: int, streams: int) -> dict:
+    loop = asyncio.get_running_loop()
     url = urlsplit(send_url)
     context = ssl.create_default_context(cafile=ca_file)
-    work = deque(bodies)
-    lock = threading.Lock()
-    statuses: dict = {}
-    first: list = []
-    headers = {"Authorization": f"Bearer {access_token}", "Content-Type": "application/json; UTF-8"}
-
-    def worker():
-        connection = http.client.HTTPSConnection(url.hostname, url.port, context=context, timeout=30)
-        try:
-            while True:
-                try:
-                    body = work.popleft()
-                except IndexError:
-                    return
-                connection.request("POST", url.path, body=body, headers=headers)
-                answer = connection.getresponse()
-                answer.read()
-                with lock:
-                    statuses[str(answer.status)] = statuses.get(str(answer.status), 0) + 1
-                    if not first:
-                        first.append(time.perf_counter())
-        finally:
-            connection.close()
-
+    context.set_alpn_protocols(["h2"])
+    work = deque(requests)
+    stats = {"answered": 0, "first": None}
     started = time.perf_counter()
-    pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
+    clients = []
+    for _ in range(connections):
+        done = loop.create_future()
+        transport, client = await loop.create_connection(lambda d=done: _FCMClient(work, streams, d, stats),
+                                                         url.hostname, url.port or 443, ssl=context,
+                                                         server_hostname=url.hostname)
+        if transport.get_extra_info("ssl_object").selected_alpn_protocol() != "h2":
+            transport.close()
+            raise ConnectionError(f"{send_url} does not speak HTTP/2 (ALPN h2 not negotiated)")
+        clients.append(client)
+    await asyncio.gather(*(c.done for c in clients))
     elapsed = time.perf_counter() - started
-    return {"requests": len(bodies), "seconds": elapsed, "rate": len(bodies) / elapsed,
-            "first_ms": (first[0] - started) * 1000 if first else None, "statuses": statuses, "connections": threads}
+    for client in clients:
+        client.transport.close()
+    statuses: dict = {}
+    for client in clients:
+        for status, count in client.statuses.items():
+            statuses[status.decode()] = statuses.get(status.decode(), 0) + count
+    return {"requests": len(requests), "seconds": elapsed, "rate": len(requests) / elapsed,
+            "first_ms": (stats["first"] - started) * 1000 if stats["first"] else None, "statuses": statuses,
+            "connections": connections, "streams": streams}
+
+
+def fcm_ceiling(bodies, send_url: str, access_token: str, ca_file: str, connections: int = FCM_CONNECTIONS,
+                streams: int = FCM_STREAMS) -> dict:
+    """POST prepared FCM bodies over HTTP/2 (`send_url` must be the fake's h2 listener: info["send_url"] of
+    `python -m bench.fakes fcm`); requests/s, first answer, statuses, client CPU (client_cpu_s).
+    Concurrency is `connections` x min(`streams`, the server's MAX_CONCURRENT_STREAMS).
+    """
+    requests = fcm_h2_requests(bodies, send_url, access_token)
+    return _timed(lambda: asyncio.run(_run_fcm(requests, send_url, ca_file, connections, streams)))
 
 
 def mixed_ceiling(apns_reqs, fcm_bodies, apns_args: dict, fcm_args: dict) -> dict:
-    """Both at once (the APNs client on the main thread's loop, the FCM threads beside it)."""
-    return _timed(lambda: _mixed_ceiling(apns_reqs, fcm_bodies, apns_args, fcm_args))
+    """Both at once, on one event loop (two loops in two threads would contend for the GIL)."""
+    fcm = dict(fcm_args)
+    fcm.pop("threads", None)
+    fcm_reqs = fcm_h2_requests(fcm_bodies, fcm["send_url"], fcm.pop("access_token"))
+    return _timed(lambda: asyncio.run(_mixed_ceiling(apns_reqs, fcm_reqs, apns_args, fcm)))
 
 
-def _mixed_ceiling(apns_reqs, fcm_bodies, apns_args: dict, fcm_args: dict) -> dict:
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(fcm=fcm_ceiling(fcm_bodies, **fcm_args)))
+async def _mixed_ceiling(apns_reqs, fcm_reqs, apns_args: dict, fcm_args: dict) -> dict:
+    fcm_args = {"connections": FCM_CONNECTIONS, "streams": FCM_STREAMS, **fcm_args}
     started = time.perf_counter()
-    thread.start()
-    result["apns"] = apns_ceiling(apns_reqs, **apns_args)
-    thread.join()
+    apns, fcm = await asyncio.gather(_run_apns(apns_reqs, **apns_args), _run_fcm(fcm_reqs, **fcm_args))
     elapsed = time.perf_counter() - started
-    total = len(apns_reqs) + len(fcm_bodies)
-    return {"requests": total, "seconds": elapsed, "rate": total / elapsed, **result}
+    total = len(apns_reqs) + len(fcm_reqs)
+    return {"requests": total, "seconds": elapsed, "rate": total / elapsed, "apns": apns, "fcm": fcm}

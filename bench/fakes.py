@@ -167,9 +167,13 @@ def _start_fcm(args, marks: Marks):
     fake.start()
     account_path, public_key = make_service_account(args.dir / "fcm-account", fake.token_uri, project_id=PROJECT)
     fake.add_service_account(json.loads(account_path.read_text())["client_email"], public_key)
-    env = {"FCM_SERVICE_ACCOUNT_FILE": str(account_path), "FCM_PROJECT_ID": PROJECT, "FCM_ENDPOINT": fake.base_url}
-    return fake, {"endpoint": fake.base_url, "host": fake.host, "port": fake.port, "env": env,
-                  "send_url": fake.send_url(), "account_file": str(account_path), "project": PROJECT}
+    # the service and bench.ceiling's lean client both send over HTTP/2, as to Google's endpoint
+    env = {"FCM_SERVICE_ACCOUNT_FILE": str(account_path), "FCM_PROJECT_ID": PROJECT,
+           "FCM_ENDPOINT": fake.base_url_h2}
+    return fake, {"endpoint": fake.base_url_h2, "host": fake.host, "port": fake.port, "env": env,
+                  "port_h2": fake.port_h2,
+                  "send_url": fake.send_url_h2(), "send_url_http1": fake.send_url(),
+                  "account_file": str(account_path), "project": PROJECT}
 
 
 def _main(argv=None) -> int:

@@ -175,7 +175,8 @@ class Ceilings:
         self.env = env
         self.apns_args = {"host": a["host"], "port": a["port"], "ca_file": env.ca_file,
                           "connections": APNS_CONNECTIONS, "streams": APNS_STREAMS}
-        self.fcm_args = {"send_url": f["send_url"], "ca_file": env.ca_file, "threads": Settings().push_fcm_threads}
+        self.fcm_args = {"send_url": f["send_url"], "ca_file": env.ca_file,
+                         "connections": Settings().push_fcm_connections}
         apns_tokens = [apns_token(90_000_000 + i) for i in range(devices)]
         fcm_tokens = [f"fcm-ceiling-{i}" for i in range(devices)]
         half = devices // 2
@@ -257,7 +258,8 @@ def tables(results, devices: int) -> list:
     notes = ["deliveries/s = pushes accepted by the fake / (last push - POST); steady = between the first and last "
              "push; p50 over the runs; each ceiling run follows a service run (median shown)",
              f"ceiling: APNs {APNS_CONNECTIONS} connections x {APNS_STREAMS} streams of raw h2; FCM "
-             f"{Settings().push_fcm_threads} keep-alive HTTP/1.1 connections; same requests, same fakes, requests "
+             f"{Settings().push_fcm_connections} connections x 100 streams of raw h2 (the dispatcher: httpx on as many); "
+             "same requests, same fakes, requests "
              f"built before the clock starts, run at the dispatcher's CPU priority (nice {DISPATCHER_NICE})",
              "conns: connections the fakes saw opened during the scenario, the warm dispatcher's already open ("
              f"over the whole run, warm-up included, the dispatcher opened {results['dispatcher_connections_total']} "

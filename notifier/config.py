@@ -8,6 +8,7 @@ fast with a ConfigError naming the variable.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "sqlite:///var/chat.sqlite3"
 DEFAULT_FCM_ENDPOINT = "https://fcm.googleapis.com/v1/projects"
 OWNED_PREFIXES = ("APNS_", "FCM_", "PUSH_")
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -54,7 +57,7 @@ class Settings:
     push_dispatcher: str = "process"
     push_run_dir: str = "var/run"
     push_host_id: str = field(default_factory=socket.gethostname)
-    push_fcm_threads: int = 32
+    push_fcm_connections: int = 4
 
     @property
     def apns_configured(self) -> bool:
@@ -165,7 +168,15 @@ VARIABLES: dict[str, tuple[str, callable]] = {
     "PUSH_DISPATCHER": ("push_dispatcher", _dispatcher_mode),
     "PUSH_RUN_DIR": ("push_run_dir", _text),
     "PUSH_HOST_ID": ("push_host_id", _text),
-    "PUSH_FCM_THREADS": ("push_fcm_threads", _positive_int),
+    "PUSH_FCM_CONNECTIONS": ("push_fcm_connections", _positive_int),
+}
+
+
+# variables of an earlier release that no longer do anything: accepted, with a warning, so an
+# upgrade does not refuse to start over a setting that has become pointless
+OBSOLETE = {
+    "PUSH_FCM_THREADS": "FCM is sent over HTTP/2 on the dispatcher's event loop, without threads; "
+                        "PUSH_FCM_CONNECTIONS bounds its connections",
 }
 
 
@@ -173,7 +184,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from the environment; raise ConfigError naming the first bad variable."""
     environ = os.environ if environ is None else environ
     for name in environ:
-        if name.startswith(OWNED_PREFIXES) and name not in VARIABLES:
+        if name in OBSOLETE:
+            logger.warning("%s: no longer used and ignored (%s)", name, OBSOLETE[name])
+        elif name.startswith(OWNED_PREFIXES) and name not in VARIABLES:
             raise ConfigError(f"{name}: unknown variable (known: {', '.join(sorted(VARIABLES))})")
     values = {}
     for name, (attribute, parse) in VARIABLES.items():

@@ -53,7 +53,7 @@ def running_fakes(directory: Path, apns_class=APNsFake, fcm_class=FCMFake, **apn
             "APNS_KEY_FILE": str(key_path), "APNS_KEY_ID": KEY_ID, "APNS_TEAM_ID": TEAM_ID,
             "APNS_TOPIC": TOPIC, "APNS_ENDPOINT": apns.endpoint,
             "FCM_SERVICE_ACCOUNT_FILE": str(account_path), "FCM_PROJECT_ID": PROJECT,
-            "FCM_ENDPOINT": fcm.base_url, "PUSH_CA_FILE": str(tls.ca_cert),
+            "FCM_ENDPOINT": fcm.base_url_h2, "PUSH_CA_FILE": str(tls.ca_cert),
         }
         yield fakes
     finally:

@@ -1159,3 +1159,223 @@ def test_fcm_fake_stop_closes_kept_alive_connections(tls_material: TLSMaterial, 
     assert time.monotonic() - started < 2.0
     with pytest.raises(requests.exceptions.ConnectionError):
         session.post(fake.send_url(), json={}, timeout=2)
+
+
+# -- FCM over HTTP/2 (raw h2 client) ---------------------------------------------------------------
+
+
+@dataclass
+class _H2Endpoint:
+    """What RawH2 needs to connect: the FCM fake's HTTP/2 listener."""
+
+    host: str
+    port: int
+    tls: TLSMaterial
+
+
+def fcm_h2(fake: FCMFake, raw_clients, **kwargs: Any) -> RawH2:
+    """A RawH2 connection to the fake's HTTP/2 listener, past the fake's first SETTINGS (and so
+    with the client's ACK sent before any request: the stream limit is in force)."""
+    client = raw_clients(_H2Endpoint(fake.host, fake.port_h2, fake.tls), **kwargs)  # type: ignore[arg-type]
+    client.wait_settings(1)
+    return client
+
+
+def fcm_h2_send(
+    client: RawH2,
+    bearer: Optional[str],
+    message: Optional[Dict[str, Any]] = None,
+    *,
+    method: str = "POST",
+    path: str = f"/v1/projects/{FCM_PROJECT}/messages:send",
+    flush: bool = True,
+) -> int:
+    """Open one messages:send stream (no APNs headers); returns its stream id."""
+    headers: Dict[str, Optional[str]] = {
+        "apns-topic": None,
+        "apns-push-type": None,
+        "authorization": bearer,
+        "content-type": "application/json; UTF-8",
+    }
+    body = json.dumps({"message": message}).encode() if method == "POST" else b""
+    return client.request(headers=headers, body=body, method=method, path=path, flush=flush)
+
+
+@pytest.fixture
+def fcm_bearer(fcm_fake: FCMFake, fcm_service_account: Path, fcm_trust: None) -> str:
+    return f"Bearer {access_token(fcm_fake, fcm_service_account)}"
+
+
+def test_fcm_h2_send_is_answered_and_recorded(fcm_fake: FCMFake, fcm_bearer: str, raw_clients) -> None:
+    assert fcm_fake.port_h2 not in (None, fcm_fake.port)
+    assert fcm_fake.send_url_h2() == f"https://127.0.0.1:{fcm_fake.port_h2}/v1/projects/{FCM_PROJECT}/messages:send"
+    opened = fcm_fake.connections_opened  # google-auth's token request already counted
+    client = fcm_h2(fcm_fake, raw_clients)
+    assert client.alpn == "h2"
+    assert client.stream_limits == [100]  # Google's SETTINGS_MAX_CONCURRENT_STREAMS
+    (response,) = client.wait(fcm_h2_send(client, fcm_bearer, {"token": "tok-1", "data": {"room": "42"}}))
+    assert response.status == 200
+    assert response.json["name"].startswith(f"projects/{FCM_PROJECT}/messages/")
+    assert response.headers["content-type"] == "application/json; charset=UTF-8"
+    assert response.headers["vary"] == "Origin, X-Origin, Referer"
+    assert "retry-after" not in response.headers
+    record = fcm_fake.received[-1]
+    assert (record.token, record.status, record.project, record.message) == (
+        "tok-1", 200, FCM_PROJECT, {"token": "tok-1", "data": {"room": "42"}}
+    )
+    assert fcm_fake.sent_tokens() == {"tok-1": 1}
+    stats = fcm_fake.stats()
+    assert stats["h2_connections"] == 1 and stats["connections_opened"] == opened + 1
+
+
+def test_fcm_h2_invalid_token_and_missing_auth_get_googles_errors(
+    fcm_fake: FCMFake, fcm_bearer: str, raw_clients
+) -> None:
+    client = fcm_h2(fcm_fake, raw_clients)
+    bad, unauthenticated = client.wait(
+        fcm_h2_send(client, fcm_bearer, {"token": "not a token!", "notification": {"title": "x"}}),
+        fcm_h2_send(client, None, {"token": "tok-1"}),
+    )
+    assert bad.status == 400
+    assert bad.json == {
+        "error": {
+            "code": 400,
+            "message": "The registration token is not a valid FCM registration token",
+            "status": "INVALID_ARGUMENT",
+            "details": [{"@type": FCM_ERROR_TYPE, "errorCode": "INVALID_ARGUMENT"}],
+        }
+    }
+    assert unauthenticated.status == 401
+    assert unauthenticated.json["error"]["details"][0]["reason"] == "CREDENTIALS_MISSING"
+    assert [(r.status, r.error_code) for r in fcm_fake.received] == [(400, "INVALID_ARGUMENT"), (401, "UNAUTHENTICATED")]
+    assert fcm_fake.sent_tokens() == {}
+
+
+def test_fcm_h2_scripted_quota_exceeded_carries_retry_after_and_scripts_are_shared_with_http1(
+    fcm_fake: FCMFake, fcm_bearer: str, raw_clients
+) -> None:
+    fcm_fake.script("tok-1", [(429, "QUOTA_EXCEEDED", 7), (429, "QUOTA_EXCEEDED"), (503, "UNAVAILABLE")])
+    client = fcm_h2(fcm_fake, raw_clients)
+    (first,) = client.wait(fcm_h2_send(client, fcm_bearer, {"token": "tok-1"}))
+    (second,) = client.wait(fcm_h2_send(client, fcm_bearer, {"token": "tok-1"}))
+    over_http1 = requests.post(
+        fcm_fake.send_url(), json={"message": {"token": "tok-1"}}, headers={"Authorization": fcm_bearer}, timeout=5
+    )
+    (last,) = client.wait(fcm_h2_send(client, fcm_bearer, {"token": "tok-1"}))
+    assert (first.status, first.headers["retry-after"]) == (429, "7")
+    assert first.json["error"]["status"] == "RESOURCE_EXHAUSTED"
+    assert first.json["error"]["details"] == [{"@type": FCM_ERROR_TYPE, "errorCode": "QUOTA_EXCEEDED"}]
+    assert (second.status, second.headers["retry-after"]) == (429, str(fcm_fake.quota_retry_after))
+    assert over_http1.status_code == 503  # the same script, consumed over the other listener
+    assert last.status == 200
+    assert [r.status for r in fcm_fake.received] == [429, 429, 503, 200]
+
+
+def test_fcm_h2_100_concurrent_streams_are_answered_and_the_101st_refused(
+    fcm_fake: FCMFake, fcm_bearer: str, raw_clients
+) -> None:
+    client = fcm_h2(fcm_fake, raw_clients, ignore_limit=True)
+    fcm_fake.delay = 0.5  # all of them in flight at once
+    ids = [fcm_h2_send(client, fcm_bearer, {"token": f"tok-{i}"}, flush=False) for i in range(101)]
+    client.flush()
+    responses = client.wait(*ids, timeout=10)
+    assert [r.status for r in responses[:100]] == [200] * 100
+    assert responses[100].reset == ErrorCodes.REFUSED_STREAM
+    assert fcm_fake.refused_streams == 1 and fcm_fake.max_concurrent_seen == 100
+    assert fcm_fake.wait_for(100, 5) and len(fcm_fake.sent_tokens()) == 100
+
+
+def test_fcm_h2_acknowledges_data_so_a_megabyte_of_requests_flows_on_one_connection(
+    fcm_fake: FCMFake, fcm_bearer: str, raw_clients
+) -> None:
+    client = fcm_h2(fcm_fake, raw_clients)
+    pad = "x" * 1000
+    # h2 hands window back in steps of half the 64 KiB window, so a batch stays under 32 KiB;
+    # the whole megabyte needs the window handed back ~16 times
+    total, batch = 1000, 25
+    for start in range(0, total, batch):
+        ids = [
+            fcm_h2_send(client, fcm_bearer, {"token": f"tok-{start + i}", "data": {"pad": pad}}, flush=False)
+            for i in range(batch)
+        ]
+        client.flush()
+        assert {r.status for r in client.wait(*ids, timeout=10)} == {200}
+    assert fcm_fake.wait_for(total, 5)
+
+
+class _JudgedFCMFake(FCMFake):
+    """Releases `judged` once a send has been judged (its delay is fixed from then on)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.judged = threading.Semaphore(0)
+
+    def _judge(self, *args: Any) -> Any:
+        result = super()._judge(*args)
+        self.judged.release()
+        return result
+
+
+def test_fcm_h2_a_delayed_stream_holds_back_no_other_stream_or_connection(
+    tls_material: TLSMaterial, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raw_clients
+) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_material.ca_cert))
+    with _JudgedFCMFake(tls_material, project_id=FCM_PROJECT) as fake:
+        account, public_pem = make_service_account(tmp_path, fake.token_uri, project_id=FCM_PROJECT)
+        fake.add_service_account(json.loads(account.read_text())["client_email"], public_pem)
+        bearer = f"Bearer {access_token(fake, account)}"
+        slow_conn, other_conn = fcm_h2(fake, raw_clients), fcm_h2(fake, raw_clients)
+        fake.delay = 3.0
+        slow = fcm_h2_send(slow_conn, bearer, {"token": "slow"})
+        assert fake.judged.acquire(timeout=5)
+        fake.delay = 0.0
+        same = fcm_h2_send(slow_conn, bearer, {"token": "same-connection"})
+        other = fcm_h2_send(other_conn, bearer, {"token": "other-connection"})
+        assert other_conn.wait(other, timeout=3)[0].status == 200
+        assert slow_conn.wait(same, timeout=3)[0].status == 200
+        assert not slow_conn.responses[slow].done  # both answered before the delay ended
+        assert slow_conn.wait(slow, timeout=10)[0].status == 200
+        assert [r.token for r in fake.received] in (
+            ["same-connection", "other-connection", "slow"],
+            ["other-connection", "same-connection", "slow"],
+        )
+
+
+def test_fcm_h2_other_paths_are_404_and_other_methods_405(fcm_fake: FCMFake, fcm_bearer: str, raw_clients) -> None:
+    client = fcm_h2(fcm_fake, raw_clients)
+    get, token, other = client.wait(
+        fcm_h2_send(client, fcm_bearer, method="GET"),
+        fcm_h2_send(client, fcm_bearer, {"token": "tok-1"}, path="/token"),  # HTTP/1.1 only
+        fcm_h2_send(client, fcm_bearer, {"token": "tok-1"}, path=f"/v1/projects/{FCM_PROJECT}/messages"),
+    )
+    assert (get.status, get.json["error"]["code"]) == (405, 405)
+    assert (token.status, other.status) == (404, 404)
+    assert token.json["error"]["message"] == "The requested URL /token was not found on this server."
+    assert fcm_fake.received == []
+
+
+def test_fcm_fake_stop_leaves_no_thread_running(tls_material: TLSMaterial, raw_clients, monkeypatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_material.ca_cert))
+    before = set(threading.enumerate())
+    fake = FCMFake(tls_material).start()
+    try:
+        client = fcm_h2(fake, raw_clients)
+        assert client.wait(fcm_h2_send(client, None, {"token": "tok-1"}))[0].status == 401
+        session = requests.Session()
+        assert session.post(fake.send_url(), json={}, timeout=5).status_code == 401  # a kept-alive HTTP/1.1 thread
+    finally:
+        started = time.monotonic()
+        fake.stop()
+    assert time.monotonic() - started < 2.0
+    assert set(threading.enumerate()) - before == set()
+    with pytest.raises(ConnectionError):
+        client.pump(lambda: False, timeout=2)  # the fake closed the HTTP/2 connection
+    session.close()
+
+
+def test_fcm_fake_without_http2(tls_material: TLSMaterial) -> None:
+    with FCMFake(tls_material, http2=False) as fake:
+        assert fake.port_h2 is None and fake.stats()["h2_connections"] == 0
+        with pytest.raises(RuntimeError):
+            fake.base_url_h2
+        assert not [t for t in threading.enumerate() if t.name.startswith("FCMFake-h2")]

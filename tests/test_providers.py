@@ -66,7 +66,7 @@ def apns_settings(fake_endpoint: str, tls: TLSMaterial, key: APNsKey, **override
 
 def fcm_settings(fake: FCMFake, service_account: Path, **overrides) -> Settings:
     values = dict(fcm_service_account_file=str(service_account), fcm_project_id=FCM_PROJECT,
-                  fcm_endpoint=fake.base_url, push_ca_file=str(fake.tls.ca_cert), push_fcm_threads=8,
+                  fcm_endpoint=fake.base_url_h2, push_ca_file=str(fake.tls.ca_cert), push_fcm_connections=4,
                   push_ttl=3600)
     values.update(overrides)
     return Settings(**values)
@@ -380,7 +380,7 @@ def test_fcm_wrong_project_is_auth_not_dead(fcm_fake: FCMFake, fcm_service_accou
 
 
 def test_fcm_expired_access_token_is_auth_then_refreshed(fcm_fake: FCMFake, fcm_service_account):
-    provider = FCMProvider(fcm_settings(fcm_fake, fcm_service_account, push_fcm_threads=1))
+    provider = FCMProvider(fcm_settings(fcm_fake, fcm_service_account, push_fcm_connections=1))
 
     async def scenario(p):
         first = await p.send(make_push(fcm_token(), Platform.FCM))
@@ -395,12 +395,25 @@ def test_fcm_expired_access_token_is_auth_then_refreshed(fcm_fake: FCMFake, fcm_
 
 
 def test_fcm_concurrent_sends_share_one_access_token(fcm_fake: FCMFake, fcm_service_account):
-    provider = FCMProvider(fcm_settings(fcm_fake, fcm_service_account, push_fcm_threads=8))
+    provider = FCMProvider(fcm_settings(fcm_fake, fcm_service_account, push_fcm_connections=4))
     pushes = [make_push(fcm_token(), Platform.FCM, device_id=i) for i in range(200)]
     results = run(with_provider(provider, lambda p: send_all(p, pushes)))
     assert all(r.outcome is SENT for r in results)
     assert fcm_fake.tokens_issued == 1
-    assert fcm_fake.connections_opened <= 8 + 1  # one per thread, plus the token endpoint
+    # multiplexed: at most PUSH_FCM_CONNECTIONS connections of HTTP/2, plus the token endpoint's
+    assert 1 <= fcm_fake.stats()["h2_connections"] <= 4
+    assert fcm_fake.connections_opened <= 4 + 1
+
+
+def test_fcm_endpoint_without_http2_is_transient_and_says_why(fcm_fake: FCMFake, fcm_service_account, caplog):
+    """Google's endpoint speaks HTTP/2; one that offers only HTTP/1.1 (the fake's other listener)
+    is a misconfiguration: every send is a transient connection error, logged with the reason."""
+    provider = FCMProvider(fcm_settings(fcm_fake, fcm_service_account, fcm_endpoint=fcm_fake.base_url))
+    with caplog.at_level(logging.WARNING, logger="notifier.providers.fcm"):
+        result = run(with_provider(provider, lambda p: p.send(make_push(fcm_token(), Platform.FCM))))
+    assert result == Result(TRANSIENT, None, "connection_error", None)
+    assert fcm_fake.answered == 0
+    assert any("does not speak HTTP/2" in record.getMessage() for record in caplog.records)
 
 
 def test_fcm_unreachable_endpoint_is_transient(fcm_fake: FCMFake, fcm_service_account):
@@ -557,7 +570,7 @@ def test_no_token_key_or_bearer_in_logs(apns_fake: APNsFake, fcm_fake: FCMFake, 
         fcm_fake.script(token, [answer])
     settings = apns_settings(apns_fake.endpoint, tls_material, apns_key,
                              fcm_service_account_file=str(fcm_service_account), fcm_project_id=FCM_PROJECT,
-                             fcm_endpoint=fcm_fake.base_url)
+                             fcm_endpoint=fcm_fake.base_url_h2)
 
     async def scenario():
         providers = build_providers(settings)

@@ -1,8 +1,9 @@
-"""Protocol fakes of Apple's APNs (HTTP/2) and Google's FCM v1 (HTTPS), for tests and benchmarks.
+"""Protocol fakes of Apple's APNs (HTTP/2) and Google's FCM v1 (HTTP/2 and HTTP/1.1), for tests and benchmarks.
 
 - `tests.fakes.tls`: throw-away CA / server / client certificates, APNs .p8 key, service account.
 - `tests.fakes.apns.APNsFake`: HTTP/2 + TLS server behaving like api.push.apple.com.
-- `tests.fakes.fcm.FCMFake`: HTTPS server behaving like fcm.googleapis.com + oauth2 token endpoint.
+- `tests.fakes.fcm.FCMFake`: HTTPS server behaving like fcm.googleapis.com (an HTTP/2 listener and an
+  HTTP/1.1 one) + the oauth2 token endpoint (HTTP/1.1).
 
 This module only holds the scripting/recording machinery both fakes share, so importing
 `tests.fakes` starts nothing.
