@@ -258,7 +258,7 @@ def tables(results, devices: int) -> list:
     notes = ["deliveries/s = pushes accepted by the fake / (last push - POST); steady = between the first and last "
              "push; p50 over the runs; each ceiling run follows a service run (median shown)",
              f"ceiling: APNs {APNS_CONNECTIONS} connections x {APNS_STREAMS} streams of raw h2; FCM "
-             f"{Settings().push_fcm_connections} connections x 100 streams of raw h2 (the dispatcher: httpx on as many); "
+             f"{Settings().push_fcm_connections} connections x 100 streams of raw h2 (the dispatcher: notifier.providers.h2client on as many); "
              "same requests, same fakes, requests "
              f"built before the clock starts, run at the dispatcher's CPU priority (nice {DISPATCHER_NICE})",
              "conns: connections the fakes saw opened during the scenario, the warm dispatcher's already open ("

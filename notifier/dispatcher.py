@@ -132,13 +132,13 @@ class Dispatcher:
             claimed, size = None, self.settings.push_batch
 
     def _claim(self, size: int) -> list[outbox.Claimed]:
-        """One write transaction (expand about a batch of new deliveries, then lease a batch), then a
-        read to load it. Expanding no more than is claimed keeps the outbox lazy: a message's
-        recipients become rows about as fast as they are sent, by whichever dispatcher is free."""
+        """One write transaction (lease what is due, then expand new deliveries already leased to
+        us, a batch in all), then a read to load it. Expanding no more than is claimed keeps the
+        outbox lazy: a message's recipients become rows about as fast as they are sent, by
+        whichever dispatcher is free."""
         now = self.clock()
         with self.writer.begin() as conn:
-            outbox.expand_pending_jobs(conn, now, size)
-            ids = outbox.claim_delivery_ids(conn, self.owner, now, self.settings.push_lease, size)
+            ids = outbox.claim_batch(conn, self.owner, now, self.settings.push_lease, size)
         if not ids:
             return []
         self.in_flight.update(ids)

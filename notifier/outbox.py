@@ -56,6 +56,17 @@ def _claim_ids(conn: Connection, table: sa.Table, where, order, owner: str, now:
     return sorted(result.scalars())
 
 
+def claim_batch(conn: Connection, owner: str, now: float, lease: float, size: int) -> list[int]:
+    """Lease up to `size` deliveries to `owner` and return their ids: first those already due
+    (retries, rows another dispatcher expanded and let go: oldest due first), then new ones, made
+    from pending jobs already leased (expand_pending_jobs). A new delivery is written twice in its
+    life (inserted leased, then its outcome) instead of three times (inserted, leased, outcome)."""
+    ids = claim_delivery_ids(conn, owner, now, lease, size)
+    if len(ids) < size:
+        ids += _expand(conn, now, size - len(ids), owner, now + lease)
+    return sorted(ids)
+
+
 def expand_pending_jobs(conn: Connection, now: float, budget: int | None = None) -> int:
     """Turn pending push jobs, oldest first, into about `budget` pending deliveries (None: all of them).
 
@@ -68,34 +79,40 @@ def expand_pending_jobs(conn: Connection, now: float, budget: int | None = None)
     are inserted, and a 100,000-device message never sits in one transaction. ON CONFLICT DO NOTHING
     keeps a replayed chunk harmless. Returns the number of deliveries created.
     """
+    return len(_expand(conn, now, budget, None, None))
+
+
+def _expand(conn: Connection, now: float, budget: int | None, owner: str | None, until: float | None) -> list[int]:
+    """expand_pending_jobs(), the new rows leased to `owner` until `until` (None: not leased); their ids."""
     next_job, chunk_end, expand_rest, expand_upto, move_cursor, job_done = _expansion_statements(
         conn.dialect.name)
-    created, after_job = 0, 0
-    while budget is None or created < budget:
+    created: list[int] = []
+    after_job = 0
+    while budget is None or len(created) < budget:
         job = next_job.first(conn, {"after_job": after_job})
         if job is None:
             break
         after_job = job.id
-        params = {"message": job.message_id, "now": now,
+        params = {"message": job.message_id, "now": now, "lease_owner": owner, "lease_until": until,
                   "after_user": -1 if job.cursor_user is None else job.cursor_user,
                   "after_device": -1 if job.cursor_device is None else job.cursor_device}
         end = None
         if budget is not None:  # the chunk's last recipient, and whether any comes after it
-            bounds = chunk_end.all(conn, {**params, "skip": budget - created - 1})
+            bounds = chunk_end.all(conn, {**params, "skip": budget - len(created) - 1})
             end = bounds[0] if len(bounds) == 2 else None
         if end is None:  # the rest fits in this chunk
-            created += _rowcount(expand_rest.execute(conn, params))
+            created += _ids(expand_rest.execute(conn, params))
             job_done.execute(conn, {"job": job.id}).close()
         else:
-            created += _rowcount(expand_upto.execute(conn, {**params, "end_user": end[0], "end_device": end[1]}))
+            created += _ids(expand_upto.execute(conn, {**params, "end_user": end[0], "end_device": end[1]}))
             move_cursor.execute(conn, {"job": job.id, "end_user": end[0], "end_device": end[1]}).close()
     return created
 
 
-def _rowcount(cursor) -> int:
-    count = cursor.rowcount
+def _ids(cursor) -> list[int]:
+    ids = [row[0] for row in cursor.fetchall()]
     cursor.close()
-    return max(count, 0)
+    return ids
 
 
 @functools.cache
@@ -121,11 +138,14 @@ def _expansion_statements(dialect: str) -> tuple:
 
     def insert(select):
         return ((postgresql.insert if dialect == "postgresql" else sqlite.insert)(deliveries).from_select(
-            ["message_id", "device_id", "platform", "state", "attempts", "next_attempt_at", "created_at"], select)
-            .on_conflict_do_nothing().execution_options(preserve_rowcount=True))
+            ["message_id", "device_id", "platform", "state", "attempts", "next_attempt_at", "created_at",
+             "lease_owner", "lease_until"], select)
+            .on_conflict_do_nothing().returning(deliveries.c.id))
 
+    # leased to the dispatcher that expands them (claim_batch), or to nobody (lease_owner NULL)
     columns = (messages.c.id, devices.c.id, devices.c.platform, sa.literal(DeliveryState.PENDING.value),
-               sa.literal(0), now, now)
+               sa.literal(0), now, now, sa.bindparam("lease_owner", type_=sa.String),
+               sa.bindparam("lease_until", type_=sa.Double))
     end_user, end_device = sa.bindparam("end_user", type_=Id), sa.bindparam("end_device", type_=Id)
     upto = sa.or_(members.c.user_id < end_user, sa.and_(members.c.user_id == end_user, devices.c.id <= end_device))
     next_job = (sa.select(push_jobs.c.id, push_jobs.c.message_id, push_jobs.c.cursor_user, push_jobs.c.cursor_device)

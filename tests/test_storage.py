@@ -904,3 +904,43 @@ def test_autocommit_reads_leave_no_transaction_open_and_hand_back_a_transactiona
             raise RuntimeError("after the insert")
     with db.autocommit(engine) as conn:
         assert store.user_by_token_hash(conn, "rolled-back-hash") is None
+
+
+# ---------------------------------------------------------------- claim_batch: due rows first, new rows leased
+
+def claim_batch(engine, owner: str, now: float, size: int = 100) -> list[int]:
+    with write(engine) as conn:
+        return outbox.claim_batch(conn, owner, now, LEASE, size)
+
+
+def test_claim_batch_inserts_new_deliveries_already_leased_to_the_claimer(engine, world):
+    post(engine, world)
+    ids = claim_batch(engine, "d1", NOW)
+    deliveries = rows(engine, schema.deliveries)
+    assert sorted(d.id for d in deliveries) == ids and len(ids) == 2
+    assert {(d.lease_owner, d.lease_until, d.state) for d in deliveries} == {("d1", NOW + LEASE, "pending")}
+    # leased: nobody else takes them before the lease ends, anyone after
+    assert claim_batch(engine, "d2", NOW + LEASE - 0.001) == []
+    assert claim_batch(engine, "d2", NOW + LEASE) == ids
+
+
+def test_claim_batch_takes_due_deliveries_before_expanding_new_ones(engine, world):
+    post(engine, world, "first")
+    retry, other = claim_batch(engine, "d1", NOW)
+    record(engine, "d1", [outbox.Update(retry, DeliveryState.PENDING, 1, NOW + 10, 503, "Unavailable"), sent(other)])
+    post(engine, world, "second")  # two new deliveries waiting to be expanded
+
+    taken = claim_batch(engine, "d1", NOW + 10, size=2)  # room for the retry and one new delivery
+    assert retry in taken and len(taken) == 2
+    job, second_job = rows(engine, schema.push_jobs)
+    assert second_job.state == "pending"  # the rest of it waits for the next batch
+    assert len(claim_batch(engine, "d1", NOW + 10, size=2)) == 1
+    assert rows(engine, schema.push_jobs)[1].state == "expanded"
+
+
+def test_claim_batch_records_outcomes_only_for_its_own_leases(engine, world):
+    post(engine, world)
+    ids = claim_batch(engine, "d1", NOW)
+    assert record(engine, "d2", [sent(i) for i in ids]) == 0  # not d2's
+    assert record(engine, "d1", [sent(i) for i in ids]) == 2
+    assert {(d.state, d.lease_owner) for d in rows(engine, schema.deliveries)} == {("sent", None)}

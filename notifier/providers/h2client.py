@@ -11,7 +11,13 @@ tricks and adds what a service needs around them:
   connection with the most free streams; another connection is opened only when every open one is
   full, and never while one is still connecting;
 - the peer's SETTINGS_MAX_CONCURRENT_STREAMS is respected (capped by `max_streams`); a request
-  with no free stream anywhere waits for one, first come first served, without polling;
+  with no free stream anywhere waits for one, first come first served, without polling; no other
+  connection is opened while one has not answered anything yet (APNs allows one stream on a new
+  connection until its first answer, then raises the limit);
+- liveness: when a request times out and nothing at all came back on its connection since it was
+  sent, the connection is sent a PING; unanswered within `ping_timeout`, the connection is
+  dropped (a black-holed connection would otherwise swallow every request routed to it);
+- a connection nearing the last stream id (2^31) takes no new streams and closes when drained;
 - frames of every request started in one pass of the event loop go out in one write;
 - header blocks are HPACK-encoded without Huffman coding (about 20 us per request saved;
   Huffman shrinks headers by a fifth, which matters little next to the payload), and indexed as
@@ -42,6 +48,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingAckReceived,
     RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
@@ -49,12 +56,13 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import H2Error
-from hpack import Encoder
+from hpack import Encoder, NeverIndexedHeaderTuple
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # an answer body larger than this is cut: providers' answers are ~100 bytes
 CONNECT_FAILURE_HOLD = 1.0  # after a failed connect, requests fail at once for this long
+RETIRE_AT_STREAM_ID = 2**31 - 1 - 20_000  # stop opening streams on a connection past this id
 
 
 class ClientError(Exception):
@@ -80,7 +88,11 @@ class StreamReset(ClientError):
 
 
 class ConnectionLost(ClientError):
-    """The connection closed, or was told to go away, before the answer came."""
+    """The connection closed before the answer came."""
+
+
+class GoAway(ConnectionLost):
+    """The server sent GOAWAY before the answer came (h2 reads no frame after it)."""
 
 
 class RequestTimeout(ClientError):
@@ -129,6 +141,9 @@ class _Connection(asyncio.Protocol):
         self.streams: dict[int, _Stream] = {}
         self.usable = False   # connected, not going away, not closed
         self.closed = False
+        self.answered = False  # anything answered yet (a new APNs connection allows one stream until then)
+        self.last_received = 0.0
+        self._ping_sent_at: float | None = None
         self._flush_scheduled = False
 
     # --- capacity -----------------------------------------------------------------
@@ -154,6 +169,7 @@ class _Connection(asyncio.Protocol):
         self.client._forget(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_received = self.loop.time()
         try:
             events = self.h2.receive_data(data)
         except H2Error as exc:
@@ -182,6 +198,9 @@ class _Connection(asyncio.Protocol):
                 stream = self.streams.pop(event.stream_id, None)
                 if stream is not None:
                     woken += 1
+                    if not self.answered:
+                        self.answered = True
+                        self.client._wake_all()  # the pool may open more connections now
                     if not stream.future.done():
                         stream.future.set_result(Response(stream.status, stream.headers, bytes(stream.body)))
             elif kind is StreamResetEvent:
@@ -196,11 +215,15 @@ class _Connection(asyncio.Protocol):
             elif kind is RemoteSettingsChanged:
                 self._send_unsent()
                 self.client._wake_all()
+            elif kind is PingAckReceived:
+                self._ping_sent_at = None
             elif kind is ConnectionTerminated:
                 self._on_goaway(event)
                 break  # h2 reads nothing after a GOAWAY
         self._write_pending()
         if woken:
+            if not self.usable and not self.streams and not self.closed:
+                self.close()  # retired and drained
             self.client._wake(woken)
 
     # --- requests -----------------------------------------------------------------
@@ -208,6 +231,8 @@ class _Connection(asyncio.Protocol):
     def start(self, headers: list, body: bytes) -> tuple[int, asyncio.Future]:
         """Open a stream for the request; its frames go out at the end of this loop pass."""
         stream_id = self.h2.get_next_available_stream_id()
+        if stream_id >= RETIRE_AT_STREAM_ID:
+            self.retire("stream ids nearly exhausted")
         future = self.loop.create_future()
         self.h2.send_headers(stream_id, headers, end_stream=not body)
         stream = self.streams[stream_id] = _Stream(future, body)
@@ -228,6 +253,37 @@ class _Connection(asyncio.Protocol):
             pass
         self._write_pending()
         self.client._wake(1)
+
+    def suspect(self, sent_at: float, ping_timeout: float) -> None:
+        """A request sent at `sent_at` timed out: if nothing came back since, ask with a PING
+        whether the connection is alive, and drop it if the PING goes unanswered too."""
+        if self.closed or self.last_received >= sent_at or self._ping_sent_at is not None:
+            return
+        try:
+            self.h2.ping(b"h2-alive")
+        except H2Error:
+            return
+        self._ping_sent_at = self.loop.time()
+        self._write_pending()
+        self.loop.call_later(ping_timeout, self._check_ping, self._ping_sent_at)
+
+    def _check_ping(self, sent_at: float) -> None:
+        if self._ping_sent_at == sent_at and not self.closed:
+            logger.warning("HTTP/2: no answer from %s, not even to a PING: dropping the connection",
+                           self.client.origin)
+            self.usable = False
+            self.client._forget(self)
+            if self.transport is not None:
+                self.transport.abort()
+
+    def retire(self, why: str) -> None:
+        """Take no new stream; close once the streams in flight are answered."""
+        if self.usable:
+            logger.info("HTTP/2: retiring a connection to %s: %s", self.client.origin, why)
+        self.usable = False
+        self.client._forget(self)
+        if not self.streams:
+            self.loop.call_soon(self.close)
 
     def close(self) -> None:
         """Close the connection; its streams fail with ConnectionLost."""
@@ -266,7 +322,7 @@ class _Connection(asyncio.Protocol):
         last = event.last_stream_id if event.last_stream_id is not None else 0
         for stream_id in list(self.streams):
             error = (StreamRefused("past the server's GOAWAY") if stream_id > last
-                     else ConnectionLost("GOAWAY before the answer"))
+                     else GoAway("GOAWAY before the answer"))
             self._fail(stream_id, error, wake=False)
         self.client._forget(self)
         self.client._wake_all()
@@ -294,7 +350,7 @@ class H2Client:
     event loop (the one it is first used on); `close()` it when done."""
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext, *, max_connections: int = 4,
-                 max_streams: int = 1000, connect_timeout: float = 10.0) -> None:
+                 max_streams: int = 1000, connect_timeout: float = 10.0, ping_timeout: float = 2.0) -> None:
         self.host, self.port = host, port
         self.origin = f"{host}:{port}"
         self.authority = host.encode() if port == 443 else f"{host}:{port}".encode()
@@ -302,6 +358,7 @@ class H2Client:
         self.max_connections = max_connections
         self.max_streams = max_streams
         self.connect_timeout = connect_timeout
+        self.ping_timeout = ping_timeout
         self.connections_opened = 0
         self._connections: list[_Connection] = []
         self._connecting: asyncio.Future | None = None
@@ -310,6 +367,11 @@ class H2Client:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure: ConnectFailed | None = None  # the last connect's, while it is fresh
         self._failed_at = 0.0
+
+    @property
+    def bound_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the client's connections belong to (None before its first request)."""
+        return self._loop
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -321,18 +383,24 @@ class H2Client:
                       timeout: float = 30.0) -> Response:
         """Send one request, wait for its whole answer. `headers`: (name, value) bytes pairs
         beyond the pseudo-headers, names lower-case. Raises a ClientError without an answer."""
-        pseudo = [(b":method", method), (b":scheme", b"https"), (b":authority", self.authority), (b":path", path)]
+        # :path differs per request for most APIs (a device token in it): never indexed, so it does
+        # not evict the constant headers (the bearer token) from the HPACK table
+        pseudo = [(b":method", method), (b":scheme", b"https"), (b":authority", self.authority),
+                  NeverIndexedHeaderTuple(b":path", path)]
         if body:
             headers = [*headers, (b"content-length", str(len(body)).encode())]
         connection = stream_id = None
+        sent_at = 0.0
         try:
             async with asyncio.timeout(timeout):
                 connection = await self._acquire()
                 stream_id, future = connection.start(pseudo + headers, body)
+                sent_at = self.loop.time()
                 return await future
         except TimeoutError:
             if connection is not None and stream_id is not None:
                 connection.cancel(stream_id)
+                connection.suspect(sent_at, self.ping_timeout)
             raise RequestTimeout(f"no answer from {self.origin} within {timeout:g} s") from None
         except asyncio.CancelledError:
             if connection is not None and stream_id is not None:
@@ -342,6 +410,13 @@ class H2Client:
             if connection is not None:
                 connection.close()
             raise ConnectionLost(f"HTTP/2 error: {type(exc).__name__}") from None
+
+    def stats(self) -> dict:
+        """Open connections, connections opened so far, streams in flight, each connection's limit."""
+        return {"open_connections": len(self._connections), "connections_opened": self.connections_opened,
+                "in_flight": sum(len(c.streams) for c in self._connections),
+                "stream_limits": [min(c.h2.remote_settings.max_concurrent_streams, self.max_streams)
+                                  for c in self._connections]}
 
     async def close(self) -> None:
         """Close every connection; requests in flight fail with ConnectionLost."""
@@ -366,7 +441,8 @@ class H2Client:
             if self._connecting is not None:
                 await asyncio.shield(self._connecting)
                 continue
-            if len(self._connections) < self.max_connections:
+            warming = any(not c.answered for c in self._connections if c.usable)
+            if len(self._connections) < self.max_connections and not warming:
                 if best is None and self._failure is not None and \
                         self.loop.time() - self._failed_at < CONNECT_FAILURE_HOLD:
                     # every request of a burst would try again, one after another
