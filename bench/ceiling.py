@@ -4,7 +4,8 @@ APNs: raw `h2` on asyncio, N connections x M streams. Each connection sends one 
 (the fake, like Apple, allows one stream until a request with a valid provider token is accepted),
 then keeps up to M streams in flight, opening as many as it may at once and writing all of their
 frames in one write (several streams per flush). Headers are HPACK literals without Huffman coding;
-the constant ones (topic, JWT, ...) are indexed once per connection, the per-request ones are not.
+the constant ones (topic, JWT, ...) are indexed once per connection (their encoded bytes then reused),
+the per-request ones are not.
 
 FCM: the same kind of raw `h2` client, N connections x M streams, to the fake's HTTP/2 listener
 (FCM_ENDPOINT_H2 / send_url in bench.fakes' info), with one OAuth access token fetched first from the
@@ -49,6 +50,38 @@ class _PlainEncoder(Encoder):
         return super().encode(headers, huffman=False)
 
 
+class _ReusingEncoder(_PlainEncoder):
+    """_PlainEncoder that reuses an indexable field's bytes while the dynamic table is unchanged.
+
+    The constant fields (topic, JWT, ...) are indexed by a connection's first request; from then on
+    the table no longer changes (the per-request fields are never indexed), so each encodes to the
+    same bytes every time. hpack's per-field work (table search, integer encoding, debug logging)
+    was about a fifth of the lean client's CPU per request. Never-indexed fields are not kept:
+    each value is sent once.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._fields = {}
+
+    def encode(self, headers, huffman=True):
+        if self.header_table.resized:  # a table size update evicts entries: indices move
+            self._fields.clear()
+        return super().encode(headers, huffman)
+
+    def add(self, to_add, sensitive, huffman=False):
+        if sensitive:
+            return super().add(to_add, sensitive, huffman)
+        encoded = self._fields.get(to_add)
+        if encoded is None:
+            encoded = super().add(to_add, sensitive, huffman)
+            if encoded[0] & 0xC0 == 0x40:  # indexed as it went: the entries' indices moved
+                self._fields.clear()
+            else:
+                self._fields[to_add] = encoded
+        return encoded
+
+
 class _Conn(H2Connection):
     """h2 told the open-stream count (h2 rescans every stream on each new one otherwise)."""
 
@@ -70,6 +103,7 @@ class _APNsClient(asyncio.Protocol):
         self.done = done
         self.stats = stats
         self.conn = _Conn()
+        self.conn.encoder = _ReusingEncoder()
         self.transport = None
         self.in_flight = 0
         self.limit = 1             # until the first answer: one stream (Apple's rule for token auth)

@@ -60,6 +60,19 @@ from hpack import Encoder, NeverIndexedHeaderTuple
 
 logger = logging.getLogger(__name__)
 
+
+def _quiet_hpack() -> None:
+    """hpack logs every header it encodes or decodes at DEBUG, the bearer token and the device
+    token included: keep its logger (and h2's, which logs frames) at WARNING, unless the operator
+    configured them, so a DEBUG root logger never writes a secret."""
+    for name in ("hpack", "h2"):
+        library_logger = logging.getLogger(name)
+        if library_logger.level == logging.NOTSET:
+            library_logger.setLevel(logging.WARNING)
+
+
+_quiet_hpack()
+
 MAX_BODY = 1 << 20  # an answer body larger than this is cut: providers' answers are ~100 bytes
 CONNECT_FAILURE_HOLD = 1.0  # after a failed connect, requests fail at once for this long
 RETIRE_AT_STREAM_ID = 2**31 - 1 - 20_000  # stop opening streams on a connection past this id
