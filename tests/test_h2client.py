@@ -146,3 +146,27 @@ def test_requests_in_flight_when_the_connection_drops_fail_and_the_dead_connecti
         assert all(isinstance(r, ConnectionLost) for r in results), results
     finally:
         fake.stop()
+
+
+def test_the_encoders_reused_bytes_decode_to_the_same_headers_as_the_table_changes():
+    """Constant fields are reused as encoded bytes; a field added or a resize must invalidate them
+    (a new bearer token every 30 minutes moves every index). Decoded by hpack's own decoder."""
+    import random
+
+    from hpack import Decoder, NeverIndexedHeaderTuple
+
+    from notifier.providers.h2client import _PlainEncoder
+
+    encoder, decoder = _PlainEncoder(), Decoder()
+    rng = random.Random(7)
+    tokens = [b"Bearer " + bytes([65 + i]) * 300 for i in range(4)]  # big: evictions happen
+    token = tokens[0]
+    for request in range(400):
+        if rng.random() < 0.05:
+            token = rng.choice(tokens)
+        if request == 200:
+            encoder.header_table_size = 2048  # a resize announced mid-connection
+        headers = [(b"content-type", b"application/json"), (b"authorization", token),
+                   (b"apns-topic", rng.choice([b"com.example.a", b"com.example.b"])),
+                   NeverIndexedHeaderTuple(b":path", f"/3/device/{request:064x}".encode())]
+        assert decoder.decode(encoder.encode(headers), raw=True) == [tuple(h) for h in headers]
