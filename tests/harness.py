@@ -7,12 +7,14 @@ purpose) by kill_dispatchers(), found through the database's dispatcher registry
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -91,6 +93,17 @@ class Response:
     headers: dict
 
 
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+
+
+def _terminate_with_parent() -> None:
+    """Runs in the child between fork and exec: the kernel sends it SIGTERM (uWSGI's die-on-term:
+    a clean stop) when the test process dies. A session killed mid-run (SIGKILL, a timeout) then
+    leaves no uWSGI behind, re-parented to init and holding ports and files."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class UwsgiServer:
     """One uWSGI instance on a free loopback port, over its own SQLite file (or a given URL)."""
 
@@ -120,10 +133,13 @@ class UwsgiServer:
     def start(self, timeout: float = 30.0) -> "UwsgiServer":
         """Start uWSGI and wait until /healthz answers 200."""
         self._log = open(self.log_path, "ab")
+        # the parent-death signal fires when the *thread* that started the child ends: only the
+        # main thread, which lives as long as the session, may ask for it
+        main_thread = threading.current_thread() is threading.main_thread()
         self.process = subprocess.Popen(
             [str(UWSGI), "--ini", str(ROOT / "uwsgi.ini"), *self.args],
             cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_terminate_with_parent if main_thread else None,
         )
         if self.started_ticks is None:
             self.started_ticks = start_ticks(self.process.pid)
