@@ -37,7 +37,7 @@ accepted and the same answers: HPACK decoding inlined for the usual representati
 scan of every stream on each new one made occasional (`_ServerH2Connection`), our own answer
 headers not re-checked by h2, each distinct provider token verified once per fake (its age
 still checked on every request). `start()` memoizes hpack's Huffman decoder process-wide
-(same results, see `_install_huffman_memo`). A read carries up to hundreds of requests and
+(same results, see `install_huffman_memo`). A read carries up to hundreds of requests and
 their answers go out in one write (or once per loop iteration for delayed answers), so the
 event loop and TLS are a small share: uvloop measured no gain.
 A fake is started once: start(), stop(), done.
@@ -78,11 +78,12 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError, StreamClosedError
-from h2.settings import SettingCodes, Settings
+from h2.settings import SettingCodes
 from hpack import Decoder, Encoder, HeaderTuple, NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
 
 from tests.fakes import Scripted, ScriptedRecorder
+from tests.fakes.h2server import UNLIMITED, AdvertisedSettings, H2Writing, install_huffman_memo
 from tests.fakes.tls import TLSMaterial
 
 __all__ = ["APNsFake", "APNsRequest", "PUSH_TYPES", "DEFAULT_REASONS", "point_aioapns_at"]
@@ -119,7 +120,6 @@ DEFAULT_REASONS = {
 MAX_PAYLOAD = 4096
 MAX_VOIP_PAYLOAD = 5120
 PROVIDER_TOKEN_TTL = 3600  # Apple rejects provider tokens older than one hour
-_UNLIMITED = 2**31 - 1
 _BODY_CAP = 64 * 1024  # stop buffering a request body past this (it is rejected anyway)
 _TOKEN_RE = re.compile(rb"[0-9a-fA-F]{64}")
 _UUID_RE = re.compile(rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -139,53 +139,6 @@ class APNsRequest:
     at: float  # time.time() when answered
     reason: Optional[str] = None
     apns_id: Optional[str] = None
-
-
-def _install_huffman_memo() -> None:
-    """Memoize hpack's Huffman decoder (a pure function of its bytes argument).
-
-    HTTP/2 clients (h2, so aioapns too) send `authorization` as a never-indexed literal, so
-    the same ~200-byte JWT is Huffman-decoded, in pure Python, on every request: about a
-    third of the fake's CPU per request. The memo returns the same bytes for the same input,
-    so hpack's behaviour is unchanged for everyone in the process. Installed by start();
-    does nothing if hpack's layout is not the one expected.
-    """
-    try:
-        import hpack.hpack as hpack_module
-    except ImportError:  # pragma: no cover
-        return
-    current = getattr(hpack_module, "decode_huffman", None)
-    if current is None or getattr(current, "_apns_fake_memo", False):
-        return
-
-    cache: Dict[bytes, bytes] = {}
-
-    def decode_huffman(data: Any) -> bytes:
-        key = bytes(data) if data is not None else b""
-        hit = cache.get(key)
-        if hit is None:
-            hit = current(data)
-            if len(cache) >= 4096:
-                cache.clear()
-            cache[key] = hit
-        return hit
-
-    decode_huffman._apns_fake_memo = True  # type: ignore[attr-defined]
-    hpack_module.decode_huffman = decode_huffman
-
-
-class _AdvertisedSettings(Settings):
-    """Local settings whose MAX_CONCURRENT_STREAMS h2 sends but does not enforce.
-
-    h2 enforces its own advertised limit as a *connection* error, and from the moment it is
-    set rather than from when the client acknowledged it; so a client that opens streams
-    before it has read the server's first SETTINGS (aioapns does) would lose the whole
-    connection. The fake enforces the limit itself (see _Connection._on_request).
-    """
-
-    @property
-    def max_concurrent_streams(self) -> int:  # type: ignore[override]
-        return _UNLIMITED
 
 
 class _ResponseEncoder(Encoder):
@@ -223,7 +176,7 @@ class _RequestDecoder(Decoder):
             data = bytes(data)
         view = memoryview(data)
         get = self.header_table.get_by_index
-        decode_huffman = hpack_module.decode_huffman  # looked up here: _install_huffman_memo
+        decode_huffman = hpack_module.decode_huffman  # looked up here: install_huffman_memo
         new_tuple = tuple.__new__
         headers: List[Any] = []
         inflated = 0
@@ -305,7 +258,7 @@ class _ServerH2Connection(H2Connection):
     """h2's connection, minus a scan of every stream on each new stream.
 
     h2 counts the open inbound streams (and purges closed ones) on every HEADERS that opens
-    a stream, only to enforce our own MAX_CONCURRENT_STREAMS, which _AdvertisedSettings turns
+    a stream, only to enforce our own MAX_CONCURRENT_STREAMS, which AdvertisedSettings turns
     off (the fake enforces it). With hundreds of streams in flight that scan was a tenth of
     the fake's CPU, so it runs once the stream table has doubled since the last purge.
     """
@@ -359,7 +312,7 @@ class _Verdict:
     authenticated: bool = False
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(H2Writing, asyncio.Protocol):
     """One client connection: h2 state, stream bookkeeping, the limit in force."""
 
     def __init__(self, fake: "APNsFake") -> None:
@@ -370,7 +323,7 @@ class _Connection(asyncio.Protocol):
         self.streams: Dict[int, _Stream] = {}
         self.in_flight = 0
         self.advertised = 1
-        self.limit = _UNLIMITED  # in force: RFC default until the client acks our SETTINGS
+        self.limit = UNLIMITED  # in force: RFC default until the client acks our SETTINGS
         self.pending_limits: Deque[int] = deque()
         self.processed = 0
         self.last_processed = 0
@@ -406,7 +359,7 @@ class _Connection(asyncio.Protocol):
                 normalize_outbound_headers=False,
             )
         )
-        self.h2.local_settings = _AdvertisedSettings(
+        self.h2.local_settings = AdvertisedSettings(
             client=False,
             initial_values={
                 SettingCodes.MAX_CONCURRENT_STREAMS: initial,
@@ -603,33 +556,6 @@ class _Connection(asyncio.Protocol):
             self._flush_now()
             self._close()
 
-    # -- writing -----------------------------------------------------------------------------
-
-    def _schedule_flush(self) -> None:
-        if not self.flush_scheduled and not self.closed:
-            self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_now)
-
-    def _flush_now(self) -> None:
-        self.flush_scheduled = False
-        if self.closed or self.transport is None or self.h2 is None:
-            return
-        data = self.h2.data_to_send()
-        if data:
-            self.transport.write(data)
-
-    def _close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.transport is not None:
-                self.transport.close()
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-
-
 class APNsFake(ScriptedRecorder[APNsRequest]):
     """HTTP/2 + TLS fake of api.push.apple.com on 127.0.0.1 (a free port unless `port`)."""
 
@@ -659,7 +585,7 @@ class APNsFake(ScriptedRecorder[APNsRequest]):
                 raise ValueError("client_cert_auth needs tls.ca_cert to verify client certificates")
         elif not (key_id and team_id and public_key_pem):
             raise ValueError("token auth needs key_id, team_id and public_key_pem")
-        if not 1 <= max_streams <= _UNLIMITED:
+        if not 1 <= max_streams <= UNLIMITED:
             raise ValueError(f"max_streams out of range: {max_streams}")
         self.tls = tls
         self.topic = topic
@@ -731,7 +657,7 @@ class APNsFake(ScriptedRecorder[APNsRequest]):
         if self._thread is not None:
             raise RuntimeError("APNsFake already started")
         ssl_ctx = self.tls.server_context(alpn=("h2",), require_client_cert=self.client_cert_auth)
-        _install_huffman_memo()
+        install_huffman_memo()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

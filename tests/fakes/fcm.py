@@ -83,7 +83,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
 
 from tests.fakes import Scripted, ScriptedRecorder
-from tests.fakes.apns import _UNLIMITED, _AdvertisedSettings, _install_huffman_memo
+from tests.fakes.h2server import UNLIMITED, AdvertisedSettings, H2Writing, install_huffman_memo
 from tests.fakes.tls import TLSMaterial
 
 __all__ = ["FCMFake", "FCMRequest", "FCM_ERRORS", "GOOGLE_TOKEN_AUDIENCE", "point_pyfcm_at"]
@@ -372,7 +372,7 @@ class _H2Stream:
         self.timer: Optional[asyncio.TimerHandle] = None
 
 
-class _H2Connection(asyncio.Protocol):
+class _H2Connection(H2Writing, asyncio.Protocol):
     """One HTTP/2 client connection: h2 state, its streams, the stream limit in force."""
 
     def __init__(self, fake: "FCMFake") -> None:
@@ -381,7 +381,7 @@ class _H2Connection(asyncio.Protocol):
         self.h2: Optional[H2Connection] = None
         self.streams: Dict[int, _H2Stream] = {}
         self.in_flight = 0
-        self.limit = _UNLIMITED  # RFC 9113's default until the client acknowledges our SETTINGS
+        self.limit = UNLIMITED  # RFC 9113's default until the client acknowledges our SETTINGS
         self.closed = False
         self.flush_scheduled = False
         #: stream id -> the part of its answer's body still waiting for flow-control window
@@ -405,7 +405,7 @@ class _H2Connection(asyncio.Protocol):
         self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
         # h2 would enforce its advertised limit as a connection error, and before the client
         # has acknowledged it; the fake refuses single streams instead (see _on_request).
-        self.h2.local_settings = _AdvertisedSettings(
+        self.h2.local_settings = AdvertisedSettings(
             client=False,
             initial_values={
                 SettingCodes.MAX_CONCURRENT_STREAMS: self.fake.max_streams,
@@ -575,34 +575,6 @@ class _H2Connection(asyncio.Protocol):
             except StreamClosedError:
                 self.pending_bodies.pop(stream_id, None)
 
-    # -- writing -------------------------------------------------------------------------------
-
-    def _schedule_flush(self) -> None:
-        # timers firing in the same loop iteration share one write
-        if not self.flush_scheduled and not self.closed:
-            self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_now)
-
-    def _flush_now(self) -> None:
-        self.flush_scheduled = False
-        if self.closed or self.transport is None or self.h2 is None:
-            return
-        data = self.h2.data_to_send()
-        if data:
-            self.transport.write(data)
-
-    def _close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.transport is not None:
-                self.transport.close()
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-
-
 class FCMFake(ScriptedRecorder[FCMRequest]):
     """HTTPS fake of fcm.googleapis.com (v1) + oauth2.googleapis.com/token on 127.0.0.1.
 
@@ -625,7 +597,7 @@ class FCMFake(ScriptedRecorder[FCMRequest]):
         port_h2: int = 0,
     ) -> None:
         super().__init__(record=record)
-        if not 1 <= max_streams <= _UNLIMITED:
+        if not 1 <= max_streams <= UNLIMITED:
             raise ValueError(f"max_streams out of range: {max_streams}")
         self.tls = tls
         self.project_id = project_id
@@ -771,7 +743,7 @@ class FCMFake(ScriptedRecorder[FCMRequest]):
     def _start_h2(self) -> None:
         ssl_ctx = self.tls.server_context(alpn=("h2",))
         # clients send `authorization` as a never-indexed literal: one Huffman decode per request
-        _install_huffman_memo()
+        install_huffman_memo()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
