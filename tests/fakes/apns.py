@@ -83,7 +83,7 @@ from hpack import Decoder, Encoder, HeaderTuple, NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
 
 from tests.fakes import Scripted, ScriptedRecorder
-from tests.fakes.h2server import UNLIMITED, AdvertisedSettings, H2Writing, install_huffman_memo
+from tests.fakes.h2server import UNLIMITED, AdvertisedSettings, H2Writing, install_huffman_memo, serve_forever
 from tests.fakes.tls import TLSMaterial
 
 __all__ = ["APNsFake", "APNsRequest", "PUSH_TYPES", "DEFAULT_REASONS", "point_aioapns_at"]
@@ -726,38 +726,9 @@ class APNsFake(ScriptedRecorder[APNsRequest]):
     # -- the loop thread ---------------------------------------------------------------------
 
     def _run(self, sock: socket.socket, ssl_ctx: Any, ready: threading.Event, failure: List[BaseException]) -> None:
-        loop = self._loop
-        assert loop is not None
-        asyncio.set_event_loop(loop)
-        loop.set_exception_handler(self._on_loop_exception)
-        server = None
-        try:
-            server = loop.run_until_complete(
-                loop.create_server(
-                    lambda: _Connection(self),
-                    sock=sock,
-                    ssl=ssl_ctx,
-                    backlog=1024,
-                    ssl_handshake_timeout=10,
-                )
-            )
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            failure.append(exc)
-            sock.close()
-            ready.set()
-            loop.close()
-            return
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            server.close()
-            for conn in list(self._connections):
-                conn.abort()
-            # let connection_lost callbacks and transport closes run
-            for _ in range(3):
-                loop.run_until_complete(asyncio.sleep(0))
-            loop.close()
+        assert self._loop is not None
+        serve_forever(self._loop, lambda: _Connection(self), sock, ssl_ctx, ready, failure,
+                      lambda: self._connections, self._on_loop_exception)
 
     def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
         exc = context.get("exception")

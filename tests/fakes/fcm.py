@@ -83,7 +83,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
 
 from tests.fakes import Scripted, ScriptedRecorder
-from tests.fakes.h2server import UNLIMITED, AdvertisedSettings, H2Writing, install_huffman_memo
+from tests.fakes.h2server import UNLIMITED, AdvertisedSettings, H2Writing, install_huffman_memo, serve_forever
 from tests.fakes.tls import TLSMaterial
 
 __all__ = ["FCMFake", "FCMRequest", "FCM_ERRORS", "GOOGLE_TOKEN_AUDIENCE", "point_pyfcm_at"]
@@ -783,33 +783,9 @@ class FCMFake(ScriptedRecorder[FCMRequest]):
     def _run_h2(
         self, sock: socket.socket, ssl_ctx: ssl.SSLContext, ready: threading.Event, failure: List[BaseException]
     ) -> None:
-        loop = self._h2_loop
-        assert loop is not None
-        asyncio.set_event_loop(loop)
-        loop.set_exception_handler(self._on_loop_exception)
-        try:
-            server = loop.run_until_complete(
-                loop.create_server(
-                    lambda: _H2Connection(self), sock=sock, ssl=ssl_ctx, backlog=1024, ssl_handshake_timeout=10
-                )
-            )
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            failure.append(exc)
-            sock.close()
-            ready.set()
-            loop.close()
-            return
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            server.close()
-            for conn in list(self._h2_conns):
-                conn.abort()
-            # let connection_lost callbacks and transport closes run
-            for _ in range(3):
-                loop.run_until_complete(asyncio.sleep(0))
-            loop.close()
+        assert self._h2_loop is not None
+        serve_forever(self._h2_loop, lambda: _H2Connection(self), sock, ssl_ctx, ready, failure,
+                      lambda: self._h2_conns, self._on_loop_exception)
 
     def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
         self.server_errors.append(f"{context.get('message')}: {context.get('exception')!r}")

@@ -4,7 +4,10 @@ decoder memoized, and the writing side of a server connection (one write per loo
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Dict
+import socket
+import ssl
+import threading
+from typing import Any, Callable, Collection, Dict, List
 
 from h2.settings import Settings
 
@@ -92,3 +95,34 @@ class H2Writing:
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+
+def serve_forever(loop: asyncio.AbstractEventLoop, protocol_factory: Callable[[], asyncio.Protocol],
+                  sock: socket.socket, ssl_ctx: ssl.SSLContext, ready: threading.Event,
+                  failure: List[BaseException], connections: Callable[[], Collection[Any]],
+                  on_exception: Callable[[asyncio.AbstractEventLoop, Dict[str, Any]], None]) -> None:
+    """A fake's loop thread: serve TLS connections on `sock` until the loop is stopped, then drop
+    the connections still open (`connections()`: objects with abort()) and close the loop. A
+    failure to start is put in `failure`; `ready` is set either way."""
+    asyncio.set_event_loop(loop)
+    loop.set_exception_handler(on_exception)
+    try:
+        server = loop.run_until_complete(
+            loop.create_server(protocol_factory, sock=sock, ssl=ssl_ctx, backlog=1024, ssl_handshake_timeout=10))
+    except BaseException as exc:  # noqa: BLE001 - reported to the starter
+        failure.append(exc)
+        sock.close()
+        ready.set()
+        loop.close()
+        return
+    ready.set()
+    try:
+        loop.run_forever()
+    finally:
+        server.close()
+        for conn in list(connections()):
+            conn.abort()
+        # let connection_lost callbacks and transport closes run
+        for _ in range(3):
+            loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
