@@ -121,8 +121,8 @@ def drop_backlog(server: UwsgiServer) -> None:
     from an empty outbox. The dispatcher stays up and warm: its batch in flight is not recorded
     (the lease is no longer its own)."""
     with db.writer(server.engine).begin() as conn:
-        conn.execute(schema.push_jobs.update().where(schema.push_jobs.c.state == "pending")
-                     .values(state="expanded"))
+        conn.execute(schema.push_jobs.update().where(schema.push_jobs.c.state.in_(["pending", "expanded"]))
+                     .values(state="completed"))
         conn.execute(schema.deliveries.update().where(schema.deliveries.c.state == "pending")
                      .values(state="skipped", last_reason="bench_dropped", lease_owner=None, lease_until=None))
 

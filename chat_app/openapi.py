@@ -93,11 +93,16 @@ def _schemas() -> dict:
             "complete": {"type": "boolean", "description": "true once every delivery is in a final state"},
             "summary": _obj({"pending": _count(), "sent": _count(), "failed": _count(), "skipped": _count()}),
             "deliveries": {"type": "array", "items": _ref("Delivery")},
+            "pruned": {"type": "boolean",
+                       "description": "true once the delivery rows were deleted after PUSH_RETENTION: "
+                                      "`deliveries` is then empty and `summary` is the one stored at completion"},
         }),
         "Health": _obj({
             "status": {"type": "string", "enum": ["ok", "unavailable"]},
             "db": {"type": "string", "enum": ["ok", "unreachable"]},
             "dispatcher": {"type": "object"},
+            "webhooks": _obj({"enabled": {"type": "boolean"}, "backlog": _count(),
+                              "oldest_pending_age": {"type": "number"}}),
             "error": _obj({"code": {"type": "string"}, "message": {"type": "string"}}),
         }, required=["status", "db", "dispatcher"]),
         # request bodies: exactly chat_app.validation's rules; unknown properties are ignored

@@ -13,18 +13,20 @@ own business and may be rearranged freely.
   or nudge this host's dispatcher; the watchdog)
 - devices: `insert_device`, `rebind_device`, `device_by_token`, `device_owner`, `list_devices`,
   `disable_devices`
-- reports: `message_deliveries`, `job_expanded`, `queue_depth`, `dispatcher_status`,
+- reports: `delivery_report`, `queue_depth`, `webhook_backlog`, `dispatcher_status`,
   `render_metrics`, `HEARTBEAT_STALE_AFTER`
 - vocabulary: `DeliveryState`, `iso`
 """
+from notifier.completion import delivery_report
 from notifier.config import Settings, load_settings, resolve_database_url
 from notifier.db import DriverStatement, Writer, autocommit, make_engine, migrate, ping, writer
 from notifier.devices import (device_by_token, device_owner, disable_devices, insert_device, list_devices,
                               rebind_device)
+from notifier.events import backlog as webhook_backlog
 from notifier.metrics import HEARTBEAT_STALE_AFTER
 from notifier.metrics import render as render_metrics
 from notifier.model import DeliveryState, iso
-from notifier.outbox import enqueue, job_expanded, message_deliveries, queue_depth
+from notifier.outbox import enqueue, queue_depth
 from notifier.providers import check_configuration
 from notifier.registry import dispatcher_status
 from notifier.schema import Id, chats, members, messages, users
@@ -36,7 +38,7 @@ __all__ = [
     "users", "chats", "members", "messages", "Id",
     "enqueue", "Waker",
     "insert_device", "rebind_device", "device_by_token", "device_owner", "list_devices", "disable_devices",
-    "message_deliveries", "job_expanded", "queue_depth", "dispatcher_status", "render_metrics",
+    "delivery_report", "queue_depth", "webhook_backlog", "dispatcher_status", "render_metrics",
     "HEARTBEAT_STALE_AFTER",
     "DeliveryState", "iso",
 ]

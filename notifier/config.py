@@ -2,15 +2,18 @@
 
 Both packages use this module: the web layer for the database URL and the
 dispatcher's wake-up, the notifier for everything about pushes. A malformed
-value, or an unknown variable with a prefix we own (APNS_, FCM_, PUSH_), fails
+value, or an unknown variable with a prefix we own (APNS_, FCM_, PUSH_, WEBHOOK_), fails
 fast with a ConfigError naming the variable.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import logging
 import os
 import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -18,7 +21,7 @@ from typing import Mapping
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "sqlite:///var/chat.sqlite3"
 DEFAULT_FCM_ENDPOINT = "https://fcm.googleapis.com/v1/projects"
-OWNED_PREFIXES = ("APNS_", "FCM_", "PUSH_")
+OWNED_PREFIXES = ("APNS_", "FCM_", "PUSH_", "WEBHOOK_")
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,9 @@ class ConfigError(ValueError):
 class Settings:
     """Every knob of the service. Plain values only, so it pickles to a spawned child."""
 
-    database_url: str = DEFAULT_DATABASE_URL
+    # repr=False: a password in a URL, and the webhook secret, stay out of tracebacks and reprs
+    # (redacted() is what logs show)
+    database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
     # APNs
     apns_key_file: str | None = None
     apns_key_id: str | None = None
@@ -58,6 +63,14 @@ class Settings:
     push_run_dir: str = "var/run"
     push_host_id: str = field(default_factory=socket.gethostname)
     push_fcm_connections: int = 4
+    # how long finished work (delivery rows, push jobs, webhook events) is kept, in seconds
+    push_retention: float = 7 * 86400.0
+    # result webhooks: off unless both are set
+    webhook_url: str | None = field(default=None, repr=False)
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_max_attempts: int = 18
+    webhook_retry_base: float = 10.0
+    webhook_concurrency: int = 8
 
     @property
     def apns_configured(self) -> bool:
@@ -70,6 +83,11 @@ class Settings:
         return bool(self.fcm_service_account_file)
 
     @property
+    def webhooks_enabled(self) -> bool:
+        """True when result webhooks are configured (WEBHOOK_URL and WEBHOOK_SECRET)."""
+        return bool(self.webhook_url and self.webhook_secret)
+
+    @property
     def run_dir(self) -> Path:
         """Where the dispatcher keeps its lock file and wake-up socket."""
         path = Path(self.push_run_dir)
@@ -79,6 +97,9 @@ class Settings:
         """The settings as a dict fit for logs: paths and ids are shown, the URL's password is not."""
         values = dataclasses.asdict(self)
         values["database_url"] = _redact_url(self.database_url)
+        if self.webhook_secret is not None:
+            values["webhook_secret"] = "***"
+        values["webhook_url"] = _redact_url(self.webhook_url) if self.webhook_url else None
         return values
 
 
@@ -125,6 +146,27 @@ def _url(value: str) -> str:
     return value.rstrip("/")
 
 
+def _webhook_url(value: str) -> str:
+    parsed = urllib.parse.urlsplit(value.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError("must be an http(s) URL with a host")
+    return value.strip()
+
+
+def _webhook_secret(value: str) -> str:
+    # never quote the value in the message: it is a secret
+    prefix = "whsec_"
+    if not value.startswith(prefix):
+        raise ValueError("must be 'whsec_' followed by the base64 of 24 to 64 random bytes")
+    try:
+        key = base64.b64decode(value[len(prefix):], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the part after 'whsec_' is not valid base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError(f"the key is {len(key)} bytes; it must be 24 to 64")
+    return value
+
+
 def _database_url(value: str) -> str:
     if not value.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
         raise ValueError("must be sqlite:///PATH or postgresql://...")
@@ -169,6 +211,12 @@ VARIABLES: dict[str, tuple[str, callable]] = {
     "PUSH_RUN_DIR": ("push_run_dir", _text),
     "PUSH_HOST_ID": ("push_host_id", _text),
     "PUSH_FCM_CONNECTIONS": ("push_fcm_connections", _positive_int),
+    "PUSH_RETENTION": ("push_retention", _positive_float),
+    "WEBHOOK_URL": ("webhook_url", _webhook_url),
+    "WEBHOOK_SECRET": ("webhook_secret", _webhook_secret),
+    "WEBHOOK_MAX_ATTEMPTS": ("webhook_max_attempts", _positive_int),
+    "WEBHOOK_RETRY_BASE": ("webhook_retry_base", _positive_float),
+    "WEBHOOK_CONCURRENCY": ("webhook_concurrency", _positive_int),
 }
 
 
@@ -212,6 +260,9 @@ def _check_combinations(settings: Settings) -> None:
         raise ConfigError("APNS_TOPIC: required when APNs credentials are set")
     if settings.fcm_service_account_file and settings.fcm_project_id is None:
         raise ConfigError("FCM_PROJECT_ID: required with FCM_SERVICE_ACCOUNT_FILE")
+    if bool(settings.webhook_url) != bool(settings.webhook_secret):
+        missing = "WEBHOOK_SECRET" if settings.webhook_url else "WEBHOOK_URL"
+        raise ConfigError(f"{missing}: required with {'WEBHOOK_URL' if settings.webhook_url else 'WEBHOOK_SECRET'}")
 
 
 def resolve_database_url(url: str) -> str:

@@ -63,3 +63,19 @@ def disable_devices(conn: Connection, device_ids: Sequence[int], reason: str) ->
             devices.update().where(devices.c.id.in_(list(device_ids)))
             .values(enabled=False, disabled_reason=reason)
         )
+
+
+def disable_dead_devices(conn: Connection, dead: Sequence[tuple[int, str | None]]) -> list[dict]:
+    """Disable the devices whose provider said the token is dead ((device id, provider reason)
+    pairs); returns those this call disabled (not those disabled already), with their owner."""
+    disabled = []
+    reasons: dict[int, str | None] = dict(dead)
+    if reasons:
+        rows = conn.execute(
+            devices.update().where(devices.c.id.in_(sorted(reasons)), devices.c.enabled.is_(True))
+            .values(enabled=False, disabled_reason="unregistered")
+            .returning(devices.c.id, devices.c.user_id, devices.c.platform)
+        ).all()
+        disabled = [{"device_id": r.id, "user_id": r.user_id, "platform": r.platform,
+                     "reason": reasons[r.id] or "unregistered"} for r in sorted(rows)]
+    return disabled

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from notifier import db, devices, outbox
+from notifier import completion, db, devices, events, outbox
 from notifier.config import Settings
 from notifier.metrics import DispatcherMetrics
 from notifier.model import DeliveryState, Outcome, Platform, Result
@@ -29,6 +29,7 @@ LANES = 2                # batches in flight at once: one lane's DB work overlap
 SEND_TIMEOUT = 30.0      # a provider call that takes longer counts as a transient failure
 FIRST_BATCH = 50         # each lane's first claim of a pass (then PUSH_BATCH): a quick first push
 DB_RETRY_INTERVAL = 0.5  # how often to try again while the database is unreachable
+DEVICE_DISABLED = "device.disabled"  # the webhook event of a device whose provider said its token is dead
 
 
 def short(token: str) -> str:
@@ -68,6 +69,9 @@ class Dispatcher:
         # sent or recorded (the database failed in between: released at the next pass)
         self.in_flight: set[int] = set()
         self._lost: set[int] = set()
+        # set when a transaction of ours wrote webhook events, so the sender looks at once
+        self.events_written = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def db(self, call, *args):
         """Run a blocking database call of the send path.
@@ -87,6 +91,7 @@ class Dispatcher:
     async def drain(self) -> Tally:
         """Expand pending jobs, then send due deliveries until none is left. Returns what was done."""
         tally = Tally()
+        self._loop = asyncio.get_running_loop()
         if self._lost:  # nothing of ours is in flight between passes: give lost claims back
             lost = set(self._lost)
             await self.db(self._release, lost)
@@ -119,9 +124,10 @@ class Dispatcher:
             tally.claimed += len(claimed)
             full = len(claimed) == size
             ids = {c.push.delivery_id for c in claimed}
+            message_ids = {c.push.message_id for c in claimed}
             try:
                 updates, dead = await self._send_batch(claimed, tally)
-                await self._record_until_done(updates, dead)
+                await self._record_until_done(updates, dead, message_ids)
             except BaseException:
                 self._lost |= ids
                 raise
@@ -138,7 +144,11 @@ class Dispatcher:
         whichever dispatcher is free."""
         now = self.clock()
         with self.writer.begin() as conn:
-            ids = outbox.claim_batch(conn, self.owner, now, self.settings.push_lease, size)
+            claim = outbox.claim_batch(conn, self.owner, now, self.settings.push_lease, size)
+            # a message with no recipient device is complete as soon as it is expanded
+            completed = completion.complete_fanouts(conn, claim.expanded, now, self.settings.webhooks_enabled)
+        self._events_written(len(completed))
+        ids = claim.ids
         if not ids:
             return []
         self.in_flight.update(ids)
@@ -150,14 +160,15 @@ class Dispatcher:
             self._lost.update(ids)
             raise
 
-    async def _record_until_done(self, updates: list[outbox.Update], dead_devices: list[int]) -> None:
+    async def _record_until_done(self, updates: list[outbox.Update], dead_devices: list[tuple[int, str | None]],
+                                 message_ids: set[int]) -> None:
         """Record a sent batch, waiting out a database outage: giving up would re-send the whole
         batch once the leases expire. Past the lease, another dispatcher may have taken the rows
         (at least once), so stop trying then."""
         deadline = time.monotonic() + self.settings.push_lease
         while True:
             try:
-                await self.db(self._record, updates, dead_devices)
+                await self.db(self._record, updates, dead_devices, message_ids)
                 return
             except sa.exc.DBAPIError as exc:
                 if time.monotonic() > deadline:
@@ -166,10 +177,20 @@ class Dispatcher:
                                type(exc.orig).__name__)
                 await asyncio.sleep(DB_RETRY_INTERVAL)
 
-    def _record(self, updates: list[outbox.Update], dead_devices: list[int]) -> None:
+    def _record(self, updates: list[outbox.Update], dead_devices: list[tuple[int, str | None]],
+                message_ids: set[int]) -> None:
+        """Record a batch's outcomes, disable the dead devices, complete the fan-outs this batch
+        finished; with webhooks on, their events in the same transaction."""
+        now = self.clock()
+        with_events = self.settings.webhooks_enabled
         with self.writer.begin() as conn:
             written = outbox.record_updates(conn, self.owner, updates, self.settings.push_host_id)
-            devices.disable_devices(conn, dead_devices, "unregistered")
+            disabled = devices.disable_dead_devices(conn, dead_devices)
+            if with_events:
+                for device in disabled:
+                    events.add_event(conn, DEVICE_DISABLED, device, now)
+            completed = completion.complete_fanouts(conn, message_ids, now, with_events)
+        self._events_written(len(completed) + len(disabled))
         if written < len(updates):
             logger.warning("notifier: %d result(s) not recorded: their lease passed to another dispatcher",
                            len(updates) - written)
@@ -188,14 +209,14 @@ class Dispatcher:
             else:
                 sends.append(self._send_one(push))
         results = await asyncio.gather(*sends)
-        dead: list[int] = []
+        dead: list[tuple[int, str | None]] = []
         now = self.clock()
         for push, result in results:
             tally.add(result.outcome)
             update = self._decide(push, result, now)
             updates.append(update)
             if result.outcome is Outcome.DEAD_TOKEN:
-                dead.append(push.device_id)
+                dead.append((push.device_id, result.reason))
         return updates, dead
 
     async def _send_one(self, push):
@@ -251,10 +272,20 @@ class Dispatcher:
         return outbox.Update(push.delivery_id, DeliveryState.PENDING, push.attempts, until,
                               result.status if result else None, result.reason if result else "provider_paused")
 
+    def _events_written(self, count: int) -> None:
+        """Wake the webhook sender (from the loop's thread or a worker thread)."""
+        if count and self.settings.webhooks_enabled and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.events_written.set)
+
     def next_wakeup(self) -> float | None:
-        """Epoch time at which there is next something to do, None when the outbox is empty."""
+        """Epoch time at which there is next something to do (a push, or with webhooks on an event),
+        None when there is nothing left to do."""
         with self.engine.connect() as conn:
-            return outbox.next_wakeup(conn, self.clock())
+            times = [outbox.next_wakeup(conn, self.clock())]
+            if self.settings.webhooks_enabled:
+                times.append(events.next_due(conn))
+        times = [t for t in times if t is not None]
+        return min(times) if times else None
 
     def release(self) -> None:
         """Give back every lease we hold (on a clean stop), so others can take the rows at once."""

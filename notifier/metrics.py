@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from notifier import outbox, registry
+from notifier import events, outbox, registry
 from notifier.config import Settings
 
 # a dispatcher silent for three intervals is taken for dead, and its leases are taken over by any
@@ -56,6 +56,7 @@ class _DatabaseCollector:
             counts = outbox.delivery_counts(conn)
             depth = outbox.queue_depth(conn, self.now)
             status = registry.dispatcher_status(conn, self.now, HEARTBEAT_STALE_AFTER)
+            webhooks = events.backlog(conn, self.now)
         by_state = GaugeMetricFamily(
             "chat_push_deliveries", "Deliveries by platform and current state (from the database).",
             labels=["platform", "state"])
@@ -70,6 +71,10 @@ class _DatabaseCollector:
                                 "Age of the oldest pending job or delivery.", value=depth["oldest_pending_age"])
         yield GaugeMetricFamily("chat_push_dispatchers_alive", "Dispatchers with a recent heartbeat.",
                                 value=len(status["alive"]))
+        yield GaugeMetricFamily("chat_webhook_backlog", "Webhook events not yet delivered (nor given up on).",
+                                value=webhooks["pending"])
+        yield GaugeMetricFamily("chat_webhook_oldest_pending_age_seconds", "Age of the oldest pending webhook event.",
+                                value=webhooks["oldest_pending_age"])
         starts = CounterMetricFamily("chat_push_dispatcher_starts", "Dispatcher processes started (restarts included).")
         starts.add_metric([], status["starts"])
         yield starts
@@ -85,6 +90,8 @@ class DispatcherMetrics:
         registry = CollectorRegistry(auto_describe=False)  # never exported from here; files are the output
         self.attempts = Counter("chat_push_attempts", "Provider answers by platform and outcome.",
                                 ["platform", "outcome"], registry=registry)
+        self.webhooks = Counter("chat_webhook_attempts", "Webhook attempts by outcome (delivered, retry, "
+                                "gone: 410, gave_up: out of attempts).", ["outcome"], registry=registry)
         self.latency = Histogram("chat_push_provider_latency_seconds", "Time for a provider to answer one push.",
                                  ["platform"], buckets=LATENCY_BUCKETS, registry=registry)
 
@@ -93,6 +100,11 @@ class DispatcherMetrics:
         self.attempts.labels(platform, outcome).inc()
         if seconds is not None:
             self.latency.labels(platform).observe(seconds)
+
+
+    def observe_webhook(self, outcome: str) -> None:
+        """Count one webhook attempt."""
+        self.webhooks.labels(outcome).inc()
 
 
 def enable_multiprocess(path: Path) -> None:

@@ -36,7 +36,7 @@ def message_deliveries(conn: Connection, message_id: int) -> list[dict]:
 def job_expanded(conn: Connection, message_id: int) -> bool:
     """Whether the message's push job has been turned into deliveries yet."""
     state = conn.execute(sa.select(push_jobs.c.state).where(push_jobs.c.message_id == message_id)).scalar()
-    return state in (None, "expanded")
+    return state in (None, "expanded", "completed")
 
 
 def _claimable(table: sa.Table, now: float):
@@ -56,15 +56,24 @@ def _claim_ids(conn: Connection, table: sa.Table, where, order, owner: str, now:
     return sorted(result.scalars())
 
 
-def claim_batch(conn: Connection, owner: str, now: float, lease: float, size: int) -> list[int]:
-    """Lease up to `size` deliveries to `owner` and return their ids: first those already due
-    (retries, rows another dispatcher expanded and let go: oldest due first), then new ones, made
-    from pending jobs already leased (expand_pending_jobs). A new delivery is written twice in its
-    life (inserted leased, then its outcome) instead of three times (inserted, leased, outcome)."""
+@dataclass(frozen=True)
+class Claim:
+    """What claim_batch leased, and the messages whose expansion it finished."""
+
+    ids: list[int]
+    expanded: list[int]
+
+
+def claim_batch(conn: Connection, owner: str, now: float, lease: float, size: int) -> Claim:
+    """Lease up to `size` deliveries to `owner`: first those already due (retries, rows another
+    dispatcher expanded and let go: oldest due first), then new ones, made from pending jobs already
+    leased (expand_pending_jobs). A new delivery is written twice in its life (inserted leased, then
+    its outcome) instead of three times (inserted, leased, outcome)."""
     ids = claim_delivery_ids(conn, owner, now, lease, size)
+    expanded: list[int] = []
     if len(ids) < size:
-        ids += _expand(conn, now, size - len(ids), owner, now + lease)
-    return sorted(ids)
+        ids += _expand(conn, now, size - len(ids), owner, now + lease, expanded)
+    return Claim(sorted(ids), expanded)
 
 
 def expand_pending_jobs(conn: Connection, now: float, budget: int | None = None) -> int:
@@ -79,11 +88,13 @@ def expand_pending_jobs(conn: Connection, now: float, budget: int | None = None)
     are inserted, and a 100,000-device message never sits in one transaction. ON CONFLICT DO NOTHING
     keeps a replayed chunk harmless. Returns the number of deliveries created.
     """
-    return len(_expand(conn, now, budget, None, None))
+    return len(_expand(conn, now, budget, None, None, []))
 
 
-def _expand(conn: Connection, now: float, budget: int | None, owner: str | None, until: float | None) -> list[int]:
-    """expand_pending_jobs(), the new rows leased to `owner` until `until` (None: not leased); their ids."""
+def _expand(conn: Connection, now: float, budget: int | None, owner: str | None, until: float | None,
+            expanded: list[int]) -> list[int]:
+    """expand_pending_jobs(), the new rows leased to `owner` until `until` (None: not leased); their
+    ids. The messages whose expansion ends here are appended to `expanded`."""
     next_job, chunk_end, expand_rest, expand_upto, move_cursor, job_done = _expansion_statements(
         conn.dialect.name)
     created: list[int] = []
@@ -103,6 +114,7 @@ def _expand(conn: Connection, now: float, budget: int | None, owner: str | None,
         if end is None:  # the rest fits in this chunk
             created += _ids(expand_rest.execute(conn, params))
             job_done.execute(conn, {"job": job.id}).close()
+            expanded.append(job.message_id)
         else:
             created += _ids(expand_upto.execute(conn, {**params, "end_user": end[0], "end_device": end[1]}))
             move_cursor.execute(conn, {"job": job.id, "end_user": end[0], "end_device": end[1]}).close()

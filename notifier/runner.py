@@ -25,9 +25,10 @@ from typing import Callable
 
 import sqlalchemy as sa
 
-from notifier import db, outbox, registry
+from notifier import completion, db, events, outbox, registry, retention
 from notifier.dispatcher import DB_RETRY_INTERVAL, Dispatcher
 from notifier.metrics import HEARTBEAT_INTERVAL, DispatcherMetrics
+from notifier.webhooks import WebhookSender
 from notifier.wakeup import Listener, nudge
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ POLL_INTERVAL = 1.0       # safety net: look at the outbox at least this often, 
 STALE_HEARTBEATS = 3      # a dispatcher silent for this many heartbeat intervals is taken over
 COLD_STOP_GRACE = 2.0     # on a cold stop, how long to try to release our leases
 NUDGE_SPACING = 0.005     # under a stream of nudges (one per POST), a pass at most this often
+MAINTENANCE_INTERVAL = 60.0  # retention and the completion sweep: at least this often (or PUSH_RETENTION)
+PRUNE_PAUSE = 0.005       # between two pruning batches: the POSTs waiting for SQLite's write lock go first
 
 
 class Runner:
@@ -168,7 +171,14 @@ class Runner:
             self.listener.close()
             return 1
         self._listen()
-        helpers = [asyncio.create_task(self._heartbeat())]
+        helpers = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._maintenance())]
+        if self.settings.webhooks_enabled:
+            dispatcher = self.dispatcher
+            sender = WebhookSender(self.settings, self.engine, dispatcher.db, dispatcher.owner,
+                                   dispatcher.events_written,
+                                   self.metrics.observe_webhook if self.metrics is not None else None,
+                                   clock=self.clock)
+            helpers.append(asyncio.create_task(sender.run()))
         if self.engine.dialect.name == "postgresql":
             helpers.append(asyncio.create_task(_listen_for_jobs(self.settings.database_url, self.woken)))
         cold = False
@@ -186,6 +196,7 @@ class Runner:
         finally:
             for helper in helpers:
                 helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
             await self._close(cold)
         return 0
 
@@ -247,6 +258,7 @@ class Runner:
     def _release_all(self) -> None:
         self.dispatcher.release()
         with db.writer(self.engine).begin() as conn:
+            events.release_events(conn, self.dispatcher.owner)
             registry.heartbeat(conn, self.registry_id, self.clock(), stopped=True)
 
     # ------------------------------------------------------------------ heartbeat
@@ -266,6 +278,48 @@ class Runner:
                 await asyncio.to_thread(db.checkpoint, self.engine)
             except Exception:  # noqa: BLE001 - leases then expire or are taken over, at least once
                 logger.warning("notifier: heartbeat failed", exc_info=True)
+
+    # ------------------------------------------------------------------ maintenance
+
+    async def _maintenance(self) -> None:
+        """Now and then: complete the fan-outs nobody noticed were complete (a safety net), and
+        prune finished work older than PUSH_RETENTION."""
+        interval = min(MAINTENANCE_INTERVAL, self.settings.push_retention)
+        while True:
+            try:
+                await self.maintain()
+            except Exception:  # noqa: BLE001 - the next pass tries again; nothing is half-deleted
+                logger.warning("notifier: maintenance pass failed", exc_info=True)
+            await asyncio.sleep(interval)
+
+    async def maintain(self) -> dict:
+        """One maintenance pass: the completion sweep, then retention in small batches (each its own
+        short write transaction, with a pause between them). Returns what it did."""
+        dispatcher = self.dispatcher
+        now = self.clock()
+        cutoff = now - self.settings.push_retention
+        with_events = self.settings.webhooks_enabled
+        done = {"completed": len(await dispatcher.db(self._in_transaction, completion.sweep, now, with_events)),
+                "deliveries": 0, "events": 0}
+        for kind, prune, args in (("deliveries", retention.prune_deliveries, (cutoff, now)),
+                                  ("events", retention.prune_events, (cutoff,))):
+            while not self.stopping:
+                deleted = await dispatcher.db(self._in_transaction, prune, *args)
+                if not deleted:
+                    break
+                done[kind] += deleted
+                await asyncio.sleep(PRUNE_PAUSE)
+        if done["completed"]:
+            dispatcher.events_written.set()
+            logger.warning("notifier: %d complete fan-out(s) had not been noticed; completed now", done["completed"])
+        if done["deliveries"] or done["events"]:
+            logger.info("notifier: pruned %d delivery rows and %d webhook events finished over %.0f s ago",
+                        done["deliveries"], done["events"], self.settings.push_retention)
+        return done
+
+    def _in_transaction(self, call, *args):
+        with db.writer(self.engine).begin() as conn:
+            return call(conn, *args)
 
     def beat(self, interval: float = HEARTBEAT_INTERVAL) -> list[tuple[str, int]]:
         """One heartbeat: alive, leases in flight renewed, silent dispatchers taken over."""

@@ -81,7 +81,7 @@ push_jobs = sa.Table(
     "push_jobs", metadata,
     sa.Column("id", Id, primary_key=True),
     sa.Column("message_id", Id, sa.ForeignKey("messages.id"), nullable=False, unique=True),
-    sa.Column("state", sa.String(16), nullable=False),  # pending -> expanded
+    sa.Column("state", sa.String(16), nullable=False),  # pending -> expanded -> completed
     # where the chunked expansion stands: the last (user_id, device_id) turned into a delivery. Kept
     # in the row, committed with the deliveries it covers, so any dispatcher on any host can expand
     # the next chunk, and a crash loses nothing
@@ -112,6 +112,57 @@ deliveries = sa.Table(
     sa.UniqueConstraint("message_id", "device_id", name="uq_deliveries_message_device"),
     # the claim query: pending rows in due order
     sa.Index("ix_deliveries_due", "state", "next_attempt_at"),
+    # "is anything of this message still pending?", asked after every recorded batch: a partial
+    # index holds only the pending rows, so the answer is one probe, not a walk over the message
+    sa.Index("ix_deliveries_pending_message", "message_id",
+             sqlite_where=sa.text("state = 'pending'"), postgresql_where=sa.text("state = 'pending'")),
+)
+
+
+# a message's fan-out once it is complete: its summary, kept after its delivery rows are pruned
+fanouts = sa.Table(
+    "fanouts", metadata,
+    sa.Column("message_id", Id, sa.ForeignKey("messages.id"), primary_key=True),
+    sa.Column("sent", sa.Integer, nullable=False),
+    sa.Column("failed", sa.Integer, nullable=False),
+    sa.Column("skipped", sa.Integer, nullable=False),
+    sa.Column("completed_at", sa.Double, nullable=False),
+    sa.Column("pruned_at", sa.Double),
+    # the pruning pass: completed long enough ago, not yet pruned
+    sa.Index("ix_fanouts_prune", "pruned_at", "completed_at"),
+)
+
+
+# result webhooks: one row per event, written in the transaction of the change it reports
+webhook_events = sa.Table(
+    "webhook_events", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("webhook_id", sa.String(64), nullable=False, unique=True),  # the webhook-id header
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),  # sent byte for byte on every attempt (it is signed)
+    sa.Column("state", sa.String(16), nullable=False),  # pending -> delivered | failed
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", sa.Double, nullable=False),
+    sa.Column("lease_owner", sa.String(128)),
+    sa.Column("lease_until", sa.Double),
+    sa.Column("last_status", sa.Integer),
+    sa.Column("last_error", sa.String(255)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("finished_at", sa.Double),
+    sa.Index("ix_webhook_events_due", "state", "next_attempt_at"),
+    sa.Index("ix_webhook_events_finished", "finished_at"),
+)
+
+
+# every attempt to send an event: when, what came back, how long it took
+webhook_attempts = sa.Table(
+    "webhook_attempts", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("event_id", Id, sa.ForeignKey("webhook_events.id"), nullable=False, index=True),
+    sa.Column("attempted_at", sa.Double, nullable=False),
+    sa.Column("status", sa.Integer),  # None: no answer (connection error, timeout)
+    sa.Column("error", sa.String(255)),
+    sa.Column("seconds", sa.Double, nullable=False),
 )
 
 

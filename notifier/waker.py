@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from notifier import db, outbox
+from notifier import db, events, outbox
 from notifier.config import Settings
 from notifier.process import PushProcess
 from notifier.wakeup import nudge, someone_listens
@@ -60,8 +60,9 @@ class Waker:
         if self.settings.push_dispatcher == "external" or self._starting() or someone_listens(self.settings):
             return
         with self.engine.connect() as conn:
-            if not outbox.work_pending(conn):
-                return
+            pending = outbox.work_pending(conn) or (self.settings.webhooks_enabled and events.any_pending(conn))
+        if not pending:
+            return
         logger.info("notifier: work is pending and no dispatcher runs on this host; starting one")
         self.start()
 

@@ -114,7 +114,7 @@ class UwsgiServer:
         self.port = free_port()
         self.database_url = database_url or f"sqlite:///{self.workdir / 'chat.sqlite3'}"
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("APNS_", "FCM_", "PUSH_"))},
+            **{k: v for k, v in os.environ.items() if not k.startswith(("APNS_", "FCM_", "PUSH_", "WEBHOOK_"))},
             "CHAT_HTTP_SOCKET": f"127.0.0.1:{self.port}",
             "DATABASE_URL": self.database_url,
             "PUSH_RUN_DIR": str(self.workdir / "run"),

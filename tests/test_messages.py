@@ -326,7 +326,8 @@ def test_deliveries_of_a_message_not_yet_expanded_are_incomplete_and_zero(app, p
     res = app.get(f"/v1/messages/{message['id']}/deliveries", headers=ann.headers, status=200)
 
     assert res.json == {"message_id": message["id"], "complete": False,
-                        "summary": {"pending": 0, "sent": 0, "failed": 0, "skipped": 0}, "deliveries": []}
+                        "summary": {"pending": 0, "sent": 0, "failed": 0, "skipped": 0}, "deliveries": [],
+                        "pruned": False}
 
 
 def test_expanded_deliveries_appear_as_pending(app, app_engine, pair, devices):

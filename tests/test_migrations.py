@@ -270,7 +270,8 @@ def test_revision_0001_makes_exactly_the_last_release_schema(engine):
     release = describe(engine)
     with engine.begin() as conn:
         for table in [*reversed(schema.metadata.sorted_tables), sa.table("meta")]:
-            conn.execute(sa.text(f"DROP TABLE {table.name}"))
+            if table.name in release:  # today's schema has tables the release had not
+                conn.execute(sa.text(f"DROP TABLE {table.name}"))
 
     with db.migration_transaction(engine) as conn:
         command.upgrade(db.alembic_config(conn), FIRST_REVISION)
@@ -327,4 +328,4 @@ def test_two_processes_upgrading_at_once_both_succeed(url, engine, from_release)
     assert revision(engine) == HEAD
     if from_release:
         assert snapshot(engine) == before
-    assert set(sa.inspect(engine).get_table_names()) == set(RELEASE_TABLES) | {"alembic_version"}
+    assert set(sa.inspect(engine).get_table_names()) == set(schema.metadata.tables) | {"alembic_version"}

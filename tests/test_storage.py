@@ -910,7 +910,7 @@ def test_autocommit_reads_leave_no_transaction_open_and_hand_back_a_transactiona
 
 def claim_batch(engine, owner: str, now: float, size: int = 100) -> list[int]:
     with write(engine) as conn:
-        return outbox.claim_batch(conn, owner, now, LEASE, size)
+        return outbox.claim_batch(conn, owner, now, LEASE, size).ids
 
 
 def test_claim_batch_inserts_new_deliveries_already_leased_to_the_claimer(engine, world):

@@ -8,7 +8,7 @@ from bottle import request, response
 from chat_app import store, validation
 from chat_app.errors import ApiError, forbidden, not_found
 from chat_app.routes.chats import load_chat_as_member, member_caller
-from notifier import DeliveryState, job_expanded, message_deliveries
+from notifier import delivery_report
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,7 @@ def register(app, ctx) -> None:
             message = _message_for_member(conn, message_id, user["id"])
             if message["sender_id"] != user["id"]:
                 raise forbidden("only the sender may see a message's deliveries")
-            rows = message_deliveries(conn, message["id"])
-            expanded = job_expanded(conn, message["id"])
-        summary = {state.value: 0 for state in DeliveryState}
-        for row in rows:
-            summary[row["state"]] += 1
-        complete = expanded and summary[DeliveryState.PENDING.value] == 0
-        return {"message_id": message["id"], "complete": complete, "summary": summary, "deliveries": rows}
+            return {"message_id": message["id"], **delivery_report(conn, message["id"])}
 
 
 def _store(ctx, chat_id: str, sender_id: int, text: str, client_id: str | None) -> tuple[int, dict]:

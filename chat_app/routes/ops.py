@@ -23,6 +23,7 @@ def register(app, ctx) -> None:
                 notifier.ping(conn)
                 depth = notifier.queue_depth(conn, now)
                 status = notifier.dispatcher_status(conn, now, stale_after=notifier.HEARTBEAT_STALE_AFTER)
+                webhooks = notifier.webhook_backlog(conn, now)
         except sa.exc.DBAPIError as exc:
             logger.warning("healthz: database unreachable: %s", type(exc.orig).__name__)
             response.status = 503
@@ -35,6 +36,8 @@ def register(app, ctx) -> None:
             "db": "ok",
             "dispatcher": {"alive": bool(on_this_host), "host_id": host, "instances": status["alive"],
                            "starts": status["starts"], **depth},
+            "webhooks": {"enabled": ctx.settings.webhooks_enabled, "backlog": webhooks["pending"],
+                         "oldest_pending_age": webhooks["oldest_pending_age"]},
         }
 
     @app.get("/metrics")
