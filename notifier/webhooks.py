@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
-import aiohttp
 import sqlalchemy as sa
 from standardwebhooks import Webhook
 
@@ -32,6 +31,7 @@ TIMEOUT = 10.0           # a receiver that has not answered by then is retried l
 LEASE = 60.0             # an event's lease while it is being sent: well over TIMEOUT
 RETRY_CAP = 6 * 3600.0   # the back-off doubles from WEBHOOK_RETRY_BASE up to six hours
 POLL_INTERVAL = 1.0      # look for due events at least this often
+MIN_PAUSE = 0.01         # the shortest wait between two looks
 DB_RETRY_INTERVAL = 0.5  # how often to try again to record an attempt while the database is down
 USER_AGENT = "chat-notifier-webhooks"
 
@@ -94,10 +94,17 @@ class WebhookSender:
         self.observe = observe
         self.clock = clock
         self.in_flight: set[asyncio.Task] = set()
+        self._client_error: type[Exception] = OSError  # aiohttp.ClientError once run() has imported it
 
     async def run(self) -> None:
         """Claim due events and send them, forever (the runner cancels it). In-flight attempts are
         cancelled with it; their leases are released by the runner, and the events sent again."""
+        # imported here, not at the top: aiohttp costs 0.2-0.25 s to import, which every uWSGI worker
+        # start and reload would pay (they import the runner so a forked dispatcher starts warm),
+        # while only a dispatcher with webhooks on needs it, and its first event is not in a hurry
+        import aiohttp
+
+        self._client_error = aiohttp.ClientError
         timeout = aiohttp.ClientTimeout(total=TIMEOUT)
         connector = aiohttp.TCPConnector(limit=self.concurrency)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -105,11 +112,12 @@ class WebhookSender:
                 while True:
                     self.wake.clear()
                     delay = await self._pump(session)
-                    if delay > 0:
-                        try:
-                            await asyncio.wait_for(self.wake.wait(), delay)
-                        except asyncio.TimeoutError:
-                            pass
+                    # always a real wait: on SQLite the database calls run inline and never yield,
+                    # so a loop that did not wait here would starve the pushes on the same loop
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), max(delay, MIN_PAUSE))
+                    except asyncio.TimeoutError:
+                        pass
             finally:
                 for task in self.in_flight:
                     task.cancel()
@@ -118,14 +126,16 @@ class WebhookSender:
     async def _pump(self, session: aiohttp.ClientSession) -> float:
         """Start attempts for the due events that fit; returns how long to wait before looking again."""
         free = self.concurrency - len(self.in_flight)
+        if free <= 0:
+            return POLL_INTERVAL  # every slot busy: a finished attempt sets `wake`
         try:
-            claimed = await self.db(self._claim, free) if free > 0 else []
+            claimed = await self.db(self._claim, free)
             for event in claimed:
                 task = asyncio.create_task(self._attempt(session, event))
                 self.in_flight.add(task)
                 task.add_done_callback(self._done)
-            if free > 0 and len(claimed) == free:
-                return 0.0 if len(self.in_flight) < self.concurrency else POLL_INTERVAL
+            if len(claimed) == free:
+                return POLL_INTERVAL  # more may be due: looked at again as soon as a slot frees
             due = await self.db(self._next_due)
         except sa.exc.DBAPIError as exc:
             logger.warning("webhooks: database unavailable (%s); retrying", type(exc.orig).__name__)
@@ -184,7 +194,7 @@ class WebhookSender:
                 return Answer(response.status, None, _retry_after(response.headers.get("Retry-After")))
         except asyncio.TimeoutError:
             return Answer(None, "timeout")
-        except aiohttp.ClientError as exc:
+        except self._client_error as exc:
             # the class only: some aiohttp messages quote the URL, which may hold credentials
             return Answer(None, type(exc).__name__)
 

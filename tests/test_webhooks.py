@@ -248,3 +248,26 @@ def test_bad_webhook_and_retention_settings_stop_the_start_naming_the_variable(t
     assert f"{variable}:" in log
     assert value not in log or variable != "WEBHOOK_SECRET"  # a secret, even a malformed one, is never printed
     assert SECRET not in log
+
+
+def test_a_slow_receiver_with_every_slot_busy_does_not_hold_the_pushes(tmp_path, fakes):
+    """Events waiting for a free slot while the one slot waits on a receiver that takes 3 s: the
+    sender must wait too, not spin (on SQLite its database calls never yield the loop: a sender
+    that looked again at once starved the pushes, and a message posted then was never sent)."""
+    receiver = WebhookReceiver(delay=3.0).start()
+    server = UwsgiServer(tmp_path / "server", env={**fakes.env, **webhook_env(receiver, WEBHOOK_CONCURRENCY="1")})
+    try:
+        server.start()
+        chat = make_chat(server, {"bob": [("apns", apns_token(1))]})
+        for n in range(3):
+            wait_complete(server, chat, post_message(server, chat, f"queue {n}"), 30)
+        assert len(event_rows(server)) == 3 and len(receiver.events()) <= 1  # one in the slot, the others wait
+
+        message = post_message(server, chat, "still pushed")
+
+        assert wait_complete(server, chat, message, 10)["summary"]["sent"] == 1
+        assert fakes.apns.sent_tokens()[apns_token(1)] == 4
+        wait_events(receiver, FANOUT, 4, timeout=30)  # and the events all arrive, one at a time
+    finally:
+        server.close()
+        receiver.stop()
