@@ -33,6 +33,8 @@ everything listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import contextlib
 import ctypes
 import http.client
@@ -52,11 +54,14 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from standardwebhooks import Webhook, WebhookVerificationError
+
 from bench.common import machine_info, percentile, print_tables, save, table
 from notifier import schema
 from tests.e2e import Chat, Fakes, add_bulk_member, make_chat, running_fakes
 from tests.fakes.apns import APNsFake
 from tests.fakes.fcm import FCMFake
+from tests.fakes.webhook import WebhookReceiver
 from tests.harness import UwsgiServer, pid_alive, start_ticks, wait_until
 from tests.pg import TempPostgres
 
@@ -69,6 +74,8 @@ DB_SUFFIXES = ("", "-wal", "-shm", "-journal")
 # Storms come back to back in a chaos run, so the retry budget is sized for that rather than for
 # real outages: the run measures durability (lost pushes), not the exhaustion of PUSH_MAX_ATTEMPTS.
 SERVICE_ENV = {"PUSH_MAX_ATTEMPTS": "30", "PUSH_RETRY_MAX": "5"}
+# result webhooks on, to a receiver that is up throughout: every completed fan-out must be reported
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"chaos-run-webhook-signing-key-32").decode()
 
 
 # ------------------------------------------------------------------ configuration
@@ -401,6 +408,7 @@ class ChaosRun:
         self.chats: list[Chat] = []
         self.tokens: dict[int, list[str]] = {}   # chat index -> recipient tokens
         self.fakes: Fakes | None = None
+        self.receiver: WebhookReceiver | None = None
         self.pg: TempPostgres | None = None
         self.database_url: str | None = None
         self.stream: MessageStream | None = None
@@ -422,7 +430,10 @@ class ChaosRun:
             self._stack.enter_context(self.reaper)
             self.first_ticks = start_ticks(os.getpid())
             self.fakes = self._stack.enter_context(recording_fakes(self.workdir / "fakes"))
-            env = {**self.fakes.env, **SERVICE_ENV, **self.config.env}
+            self.receiver = WebhookReceiver().start()
+            self._stack.callback(self.receiver.stop)
+            env = {**self.fakes.env, **SERVICE_ENV, "WEBHOOK_URL": self.receiver.url,
+                   "WEBHOOK_SECRET": WEBHOOK_SECRET, "WEBHOOK_RETRY_BASE": "0.5", **self.config.env}
             if self.config.database == "postgresql":
                 # not under workdir: pytest resets its own temporary root to 0700 whenever another
                 # pytest session starts, and the postgres user then loses the way to its data directory
@@ -697,10 +708,12 @@ class ChaosRun:
         """Push jobs not yet expanded and deliveries not yet final."""
         with self.hosts[0].engine.connect() as conn:
             jobs = conn.execute(sa.select(sa.func.count()).select_from(schema.push_jobs)
-                                .where(schema.push_jobs.c.state != "expanded")).scalar_one()
+                                .where(schema.push_jobs.c.state == "pending")).scalar_one()
             pending = conn.execute(sa.select(sa.func.count()).select_from(schema.deliveries)
                                    .where(schema.deliveries.c.state == "pending")).scalar_one()
-        return {"jobs": jobs, "pending": pending}
+            events = conn.execute(sa.select(sa.func.count()).select_from(schema.webhook_events)
+                                  .where(schema.webhook_events.c.state == "pending")).scalar_one()
+        return {"jobs": jobs, "pending": pending, "events": events}
 
     def wait_complete(self, timeout: float) -> dict:
         """Wait (bounded) until no push job and no delivery is outstanding; returns how it went."""
@@ -711,7 +724,7 @@ class ChaosRun:
                 last = self.outstanding()
             except sa.exc.DBAPIError:
                 last = None
-            if last is not None and last["jobs"] == 0 and last["pending"] == 0:
+            if last is not None and last["jobs"] == 0 and last["pending"] == 0 and last["events"] == 0:
                 return {"complete": True, "seconds": round(time.monotonic() - began, 1)}
             time.sleep(0.5)
         return {"complete": False, "seconds": round(time.monotonic() - began, 1), "outstanding": last}
@@ -721,6 +734,35 @@ class ChaosRun:
         with self.hosts[0].engine.connect() as conn:
             return [tuple(r) for r in conn.execute(sa.select(schema.messages.c.id, schema.messages.c.chat_id,
                                                              schema.messages.c.client_id))]
+
+    def webhook_report(self, expected: dict) -> dict:
+        """Every completed fan-out must have reached the receiver as one signed event: the messages
+        completed without one, events for messages that do not exist, messages reported under two
+        different ids, bad signatures, and copies of one id (at least once: allowed)."""
+        verifier = Webhook(WEBHOOK_SECRET)
+        with self.hosts[0].engine.connect() as conn:
+            completed = set(conn.execute(sa.select(schema.fanouts.c.message_id)).scalars())
+        ids_by_message, copies, bad = defaultdict(set), Counter(), 0
+        for request in (self.receiver.events() if self.receiver else []):
+            try:
+                event = verifier.verify(request.body, request.headers)
+            except WebhookVerificationError:
+                bad += 1
+                continue
+            copies[request.headers["webhook-id"]] += 1
+            if event["type"] == "message.fanout_completed" and request.status < 300:
+                ids_by_message[event["data"]["message_id"]].add(request.headers["webhook-id"])
+        return {
+            "completed": len(completed),
+            "reported": len(ids_by_message),
+            "missing": sorted(completed - set(ids_by_message))[:20],
+            "missing_count": len(completed - set(ids_by_message)),
+            "uncompleted_messages": len(set(expected) - completed),
+            "invented": sorted(set(ids_by_message) - set(expected))[:20],
+            "reported_twice": sorted(m for m, ids in ids_by_message.items() if len(ids) > 1)[:20],
+            "bad_signatures": bad,
+            "extra_copies": sum(n - 1 for n in copies.values()),
+        }
 
     def registry(self) -> list[dict]:
         """The dispatcher registry, times relative to the stream's start: who ran when, on which host."""
@@ -869,6 +911,7 @@ class ChaosRun:
                                              for f in self.faults if f.deleted_holders],
             "deleted_db_held_at_end": self.end_deleted_holders,
             "final_wait": self.final_wait,
+            "webhooks": self.webhook_report(expected),
             "dispatchers": self.registry(),
             "fault_log": [{"seq": f.seq, "kind": f.kind, "at": round(f.start - (self.started_at or 0), 2),
                            "seconds": round((f.end or f.start) - f.start, 2), "detail": f.detail,
@@ -981,6 +1024,11 @@ def tables(result: dict) -> list:
         ["HTTP 503 while the db was down", http.get("503_db_down", 0)],
         ["connection errors retried", http.get("connection_errors", 0)],
         ["all delivered at the end", f"{wait.get('complete')} after {wait.get('seconds')} s"],
+        ["fan-outs completed / reported by webhook / missing / reported twice",
+         f"{result['webhooks']['completed']} / {result['webhooks']['reported']} / "
+         f"{result['webhooks']['missing_count']} / {len(result['webhooks']['reported_twice'])}"],
+        ["webhook copies resent (same id) / bad signatures",
+         f"{result['webhooks']['extra_copies']} / {result['webhooks']['bad_signatures']}"],
         ["processes holding a deleted db file (after faults / at end)",
          f"{len(result['deleted_db_held_after_faults'])} / {len(result['deleted_db_held_at_end'])}"],
         ["leftover processes after close", len(result.get("leftovers", []))],

@@ -54,6 +54,13 @@ def problems_of(result: dict) -> list[str]:
           f"a process held a deleted database file after a fault: {result['deleted_db_held_after_faults'][:3]}")
     check(not result["deleted_db_held_at_end"],
           f"a process held a deleted database file at the end: {result['deleted_db_held_at_end'][:3]}")
+    hooks = result["webhooks"]
+    check(hooks["missing_count"] == 0, f"{hooks['missing_count']} completed fan-outs without their webhook event, "
+                                       f"e.g. messages {hooks['missing'][:5]}")
+    check(hooks["uncompleted_messages"] == 0, f"{hooks['uncompleted_messages']} messages whose fan-out never completed")
+    check(not hooks["invented"], f"events for messages that do not exist: {hooks['invented']}")
+    check(not hooks["reported_twice"], f"messages reported under two event ids: {hooks['reported_twice']}")
+    check(hooks["bad_signatures"] == 0, f"{hooks['bad_signatures']} webhook requests with a bad signature")
     check(not result["leftovers"], f"processes left running after close: {result['leftovers']}")
     check(not result["cleanup_errors"], f"clean-up failed: {result['cleanup_errors']}")
     if result["database"] == "sqlite":
