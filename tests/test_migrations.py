@@ -329,3 +329,27 @@ def test_two_processes_upgrading_at_once_both_succeed(url, engine, from_release)
     if from_release:
         assert snapshot(engine) == before
     assert set(sa.inspect(engine).get_table_names()) == set(schema.metadata.tables) | {"alembic_version"}
+
+
+def test_fanouts_complete_before_the_upgrade_get_their_summary_and_no_event(engine):
+    create_release_database(engine)
+    ids = fill_release_database(engine)  # its message: one delivery sent, one pending
+    with db.writer(engine).begin() as conn:
+        done = insert(conn, "messages", chat_id=ids["chat"], sender_id=ids["ann"], text="all sent",
+                      client_id=None, created_at=NOW)
+        insert(conn, "push_jobs", message_id=done, state="expanded", cursor_user=None, cursor_device=None,
+               created_at=NOW)
+        bob_phone = conn.execute(sa.text("SELECT id FROM devices WHERE user_id = :u"), {"u": ids["bob"]}).scalar()
+        insert(conn, "deliveries", message_id=done, device_id=bob_phone, platform="apns", state="sent",
+               attempts=1, next_attempt_at=NOW, lease_owner=None, lease_until=None, last_status=200,
+               last_reason=None, sent_at=NOW, handled_by="host-a", created_at=NOW)
+
+    db.migrate(engine)
+
+    with engine.connect() as conn:
+        fanouts = conn.execute(sa.select(schema.fanouts)).all()
+        jobs = dict(conn.execute(sa.select(schema.push_jobs.c.message_id, schema.push_jobs.c.state)).all())
+        events = conn.execute(sa.select(sa.func.count()).select_from(schema.webhook_events)).scalar()
+    assert [(f.message_id, f.sent, f.failed, f.skipped, f.pruned_at) for f in fanouts] == [(done, 1, 0, 0, None)]
+    assert jobs == {ids["message"]: "expanded", done: "completed"}  # the one still pending is left to the dispatcher
+    assert events == 0
