@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import contextlib
 import ctypes
 import http.client

@@ -62,7 +62,8 @@ ID = {"type": "integer", "format": "int64", "minimum": 1, "maximum": MAX_ID}
 # ------------------------------------------------------------------ components
 
 def _schemas() -> dict:
-    platform = {"type": "string", "enum": ["apns", "fcm"]}
+    platform = {"type": "string", "enum": ["apns", "fcm", "webpush"]}
+    base64url = {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}
     app = dict(_text(255, nullable=True),
                description="APNs topic (bundle id) or app id; defaults to the configured APNS_TOPIC for apns")
     return {
@@ -120,8 +121,23 @@ def _schemas() -> dict:
                                 "pattern": "^[!-~]+$(?!\\n)",
                                 "description": "1..4096 printable ASCII characters, no space"},
                       "app": app}, required=["platform", "token"]),
+                _obj({"platform": {"type": "string", "enum": ["webpush"]},
+                      "subscription": _obj({
+                          "endpoint": {"type": "string", "format": "uri", "maxLength": 2048,
+                                       "description": "https URL of a push service allowed by "
+                                                      "WEBPUSH_ALLOWED_HOSTS (no userinfo, port 443 unless "
+                                                      "the pattern names one)"},
+                          "keys": _obj({"p256dh": dict(base64url, minLength=87, maxLength=87,
+                                                       description="base64url of a 65-byte P-256 point"),
+                                        "auth": dict(base64url, minLength=22, maxLength=22,
+                                                     description="base64url of 16 bytes")}),
+                      }, required=["endpoint", "keys"],
+                          description="the browser's PushSubscription.toJSON(); expirationTime is ignored")},
+                     required=["platform", "subscription"]),
             ],
         },
+        "WebPushKey": _obj({"public_key": dict(base64url, description="the VAPID public key: base64url of "
+                                                                      "a 65-byte uncompressed P-256 point")}),
         "ChatCreate": _obj({"name": _text(64),
                             "member_ids": {"type": "array", "maxItems": MAX_INITIAL_MEMBERS, "items": ID,
                                            "description": "ids of existing users to add (an id of no user is "
@@ -228,6 +244,9 @@ def _paths() -> dict:
             "get": _op("listDevices", "The caller's enabled devices",
                        {"200": _json("DeviceList", "the devices")}, ""),
         },
+        "/v1/webpush/key": {"get": _op(
+            "webPushKey", "The VAPID public key browsers subscribe with (404 without Web Push)",
+            {"200": _json("WebPushKey", "the key")}, "404", public=True)},
         "/v1/devices/{device_id}": {"delete": _op(
             "deleteDevice", "Delete a device (only its owner)", NO_CONTENT, "403 404", params=[device])},
         "/v1/chats": {

@@ -1,11 +1,16 @@
 """Reading request bodies and checking fields; every failure is an ApiError with API.md's code."""
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from datetime import datetime, timezone
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from chat_app.errors import ApiError, invalid_field
+import notifier
 
 # The largest id both databases can hold (64-bit); binding a bigger value would fail ("integer out of
 # range") instead of finding nothing. Bigger ones cannot exist.
@@ -174,3 +179,45 @@ def device_token(platform: str, token) -> str:
     if len(token) > 4096 or not PRINTABLE_ASCII.fullmatch(token):
         raise invalid_field("token", "an FCM token is 1 to 4096 printable ASCII characters")
     return token
+
+
+BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def webpush_subscription(body: dict, allowed) -> tuple[str, str, str]:
+    """A browser's PushSubscription (`subscription`: endpoint and keys) checked: the endpoint against
+    WEBPUSH_ALLOWED_HOSTS (`allowed`: the server POSTs to it, so it must never be an address of the
+    caller's choosing), p256dh a P-256 point, auth 16 bytes. Returns (endpoint, p256dh, auth)."""
+    subscription = body.get("subscription")
+    if not isinstance(subscription, dict):
+        raise invalid_field("subscription", "is required: the browser's PushSubscription (endpoint and keys)")
+    endpoint = subscription.get("endpoint")
+    if not isinstance(endpoint, str):
+        raise invalid_field("subscription.endpoint", "is required and must be a string")
+    try:
+        endpoint = notifier.check_endpoint(endpoint, allowed)
+    except ValueError as exc:
+        raise invalid_field("subscription.endpoint", f"is not an allowed push service endpoint: {exc}") from None
+    keys = subscription.get("keys")
+    if not isinstance(keys, dict):
+        raise invalid_field("subscription.keys", "is required: an object with p256dh and auth")
+    p256dh = _base64url(keys.get("p256dh"), "subscription.keys.p256dh", 65)
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), p256dh[1])
+    except ValueError:
+        raise invalid_field("subscription.keys.p256dh", "is not a point on the P-256 curve") from None
+    auth = _base64url(keys.get("auth"), "subscription.keys.auth", 16)
+    return endpoint, p256dh[0], auth[0]
+
+
+def _base64url(value, field: str, size: int) -> tuple[str, bytes]:
+    """A base64url string (no padding) of exactly `size` bytes: (the text, the bytes)."""
+    if not isinstance(value, str) or not BASE64URL.fullmatch(value):
+        raise invalid_field(field, "must be base64url without padding")
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        raise invalid_field(field, "must be base64url without padding") from None
+    if len(raw) != size:
+        raise invalid_field(field, f"must encode {size} bytes")
+    return value, raw

@@ -124,8 +124,22 @@ FCM_STATUSES: dict[int, Outcome] = {
     429: TRANSIENT,
 }
 
+# --- Web Push (RFC 8030 and the push services' documentation) ----------------
+# The services give no machine-readable reason everyone shares: the status decides.
+WEBPUSH_STATUSES: dict[int, Outcome] = {
+    200: SENT,
+    201: SENT,          # RFC 8030 5: "201 (Created)" when the push service accepted the message
+    202: SENT,          # accepted, with a receipt requested
+    404: DEAD_TOKEN,    # the subscription is gone (expired, unsubscribed)
+    410: DEAD_TOKEN,
+    401: AUTH,          # our VAPID JWT or key was refused
+    403: AUTH,
+    413: REJECTED,      # the payload is too large: it will never fit
+    429: TRANSIENT,
+}
+
 _REASONS = {Platform.APNS: APNS_REASONS, Platform.FCM: FCM_REASONS}
-_STATUSES = {Platform.APNS: APNS_STATUSES, Platform.FCM: FCM_STATUSES}
+_STATUSES = {Platform.APNS: APNS_STATUSES, Platform.FCM: FCM_STATUSES, Platform.WEBPUSH: WEBPUSH_STATUSES}
 
 
 def classify(platform: Platform, status: int | None, reason: str | None) -> Outcome:
@@ -142,7 +156,7 @@ def classify(platform: Platform, status: int | None, reason: str | None) -> Outc
         return TRANSIENT
     if status == 200:
         return SENT
-    if reason:
+    if reason and platform in _REASONS:
         if platform is Platform.APNS:
             outcome = APNS_REASONS.get((status, reason))
         else:

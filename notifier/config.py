@@ -2,7 +2,7 @@
 
 Both packages use this module: the web layer for the database URL and the
 dispatcher's wake-up, the notifier for everything about pushes. A malformed
-value, or an unknown variable with a prefix we own (APNS_, FCM_, PUSH_, WEBHOOK_), fails
+value, or an unknown variable with a prefix we own (APNS_, FCM_, PUSH_, WEBHOOK_, VAPID_, WEBPUSH_), fails
 fast with a ConfigError naming the variable.
 """
 from __future__ import annotations
@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from notifier.endpoints import DEFAULT_ALLOWED_HOSTS, parse_allowed_hosts
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "sqlite:///var/chat.sqlite3"
 DEFAULT_FCM_ENDPOINT = "https://fcm.googleapis.com/v1/projects"
-OWNED_PREFIXES = ("APNS_", "FCM_", "PUSH_", "WEBHOOK_")
+OWNED_PREFIXES = ("APNS_", "FCM_", "PUSH_", "WEBHOOK_", "VAPID_", "WEBPUSH_")
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,12 @@ class Settings:
     fcm_service_account_file: str | None = None
     fcm_project_id: str | None = None
     fcm_endpoint: str = DEFAULT_FCM_ENDPOINT
-    # shared by both providers
+    # Web Push: the VAPID key (a PEM EC P-256 private key) and the subject push services may contact
+    vapid_private_key_file: str | None = None
+    vapid_subject: str | None = None
+    webpush_allowed_hosts: str = DEFAULT_ALLOWED_HOSTS
+    # shared by the providers
+    push_content: str = "full"  # "ids": no chat name and no text leave the server
     push_ca_file: str | None = None
     push_ttl: int = 86400
     push_max_attempts: int = 8
@@ -76,6 +83,11 @@ class Settings:
     def apns_configured(self) -> bool:
         """True when APNs credentials (a .p8 key or a certificate) are set."""
         return bool(self.apns_key_file or self.apns_cert_file)
+
+    @property
+    def webpush_configured(self) -> bool:
+        """True when a VAPID key is set (Web Push is sent, not dry-run)."""
+        return bool(self.vapid_private_key_file)
 
     @property
     def fcm_configured(self) -> bool:
@@ -167,6 +179,27 @@ def _webhook_secret(value: str) -> str:
     return value
 
 
+def _push_content(value: str) -> str:
+    if value not in ("full", "ids"):
+        raise ValueError("must be 'full' or 'ids'")
+    return value
+
+
+def _vapid_subject(value: str) -> str:
+    # RFC 8292: a contact the push service can use: mailto: or https:
+    parsed = urllib.parse.urlsplit(value.strip())
+    if parsed.scheme == "mailto" and "@" in parsed.path:
+        return value.strip()
+    if parsed.scheme == "https" and parsed.hostname:
+        return value.strip()
+    raise ValueError("must be a mailto: address or an https: URL")
+
+
+def _allowed_hosts(value: str) -> str:
+    parse_allowed_hosts(value)  # raises ValueError naming what is wrong
+    return value
+
+
 def _database_url(value: str) -> str:
     if not value.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
         raise ValueError("must be sqlite:///PATH or postgresql://...")
@@ -212,6 +245,10 @@ VARIABLES: dict[str, tuple[str, callable]] = {
     "PUSH_HOST_ID": ("push_host_id", _text),
     "PUSH_FCM_CONNECTIONS": ("push_fcm_connections", _positive_int),
     "PUSH_RETENTION": ("push_retention", _positive_float),
+    "PUSH_CONTENT": ("push_content", _push_content),
+    "VAPID_PRIVATE_KEY_FILE": ("vapid_private_key_file", _readable_file),
+    "VAPID_SUBJECT": ("vapid_subject", _vapid_subject),
+    "WEBPUSH_ALLOWED_HOSTS": ("webpush_allowed_hosts", _allowed_hosts),
     "WEBHOOK_URL": ("webhook_url", _webhook_url),
     "WEBHOOK_SECRET": ("webhook_secret", _webhook_secret),
     "WEBHOOK_MAX_ATTEMPTS": ("webhook_max_attempts", _positive_int),
@@ -260,6 +297,8 @@ def _check_combinations(settings: Settings) -> None:
         raise ConfigError("APNS_TOPIC: required when APNs credentials are set")
     if settings.fcm_service_account_file and settings.fcm_project_id is None:
         raise ConfigError("FCM_PROJECT_ID: required with FCM_SERVICE_ACCOUNT_FILE")
+    if settings.vapid_private_key_file and not settings.vapid_subject:
+        raise ConfigError("VAPID_SUBJECT: required with VAPID_PRIVATE_KEY_FILE (mailto: or https:)")
     if bool(settings.webhook_url) != bool(settings.webhook_secret):
         missing = "WEBHOOK_SECRET" if settings.webhook_url else "WEBHOOK_URL"
         raise ConfigError(f"{missing}: required with {'WEBHOOK_URL' if settings.webhook_url else 'WEBHOOK_SECRET'}")

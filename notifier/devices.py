@@ -18,20 +18,26 @@ def device_by_token(conn: Connection, token: str):
     return conn.execute(sa.select(devices).where(devices.c.token == token)).first()
 
 
-def insert_device(conn: Connection, user_id: int, platform: str, token: str, app: str | None, now: float) -> dict:
-    """Insert a new enabled device."""
+def insert_device(conn: Connection, user_id: int, platform: str, token: str, app: str | None, now: float,
+                  keys: tuple[str, str] | None = None) -> dict:
+    """Insert a new enabled device (`keys`: a Web Push subscription's p256dh and auth)."""
+    p256dh, auth = keys or (None, None)
     device_id = conn.execute(
-        devices.insert().values(user_id=user_id, platform=platform, token=token, app=app,
-                                enabled=True, created_at=now).returning(devices.c.id)
+        devices.insert().values(user_id=user_id, platform=platform, token=token, app=app, p256dh=p256dh,
+                                auth=auth, enabled=True, created_at=now).returning(devices.c.id)
     ).scalar_one()
     return {"id": device_id, "platform": platform, "token": token, "app": app}
 
 
-def rebind_device(conn: Connection, device_id: int, user_id: int, platform: str, app: str | None) -> dict:
-    """Give an existing token row to `user_id` and enable it again (a phone changed hands or came back)."""
+def rebind_device(conn: Connection, device_id: int, user_id: int, platform: str, app: str | None,
+                  keys: tuple[str, str] | None = None) -> dict:
+    """Give an existing token row to `user_id` and enable it again (a phone changed hands or came
+    back; a browser's subscription got new keys)."""
+    p256dh, auth = keys or (None, None)
     conn.execute(
         devices.update().where(devices.c.id == device_id)
-        .values(user_id=user_id, platform=platform, app=app, enabled=True, disabled_reason=None)
+        .values(user_id=user_id, platform=platform, app=app, p256dh=p256dh, auth=auth, enabled=True,
+                disabled_reason=None)
     )
     return {"id": device_id, "platform": platform, "token": device_token(conn, device_id), "app": app}
 

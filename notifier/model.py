@@ -14,6 +14,7 @@ class Platform(str, Enum):
 
     APNS = "apns"
     FCM = "fcm"
+    WEBPUSH = "webpush"
 
 
 class DeliveryState(str, Enum):
@@ -55,6 +56,9 @@ class Push:
     token: str
     app: str | None
     attempts: int = 0
+    # a Web Push subscription's keys (RFC 8291): the browser's P-256 public key and auth secret
+    p256dh: str | None = None
+    auth: str | None = None
 
 
 @dataclass(frozen=True)

@@ -208,7 +208,8 @@ def load_claimed(conn: Connection, ids: Sequence[int]) -> list[Claimed]:
         Claimed(
             Push(delivery_id=r.id, message_id=r.message_id, chat_id=r.chat_id, chat_name=r.chat_name,
                  sender_id=r.sender_id, sender_name=r.sender_name, text=r.text, device_id=r.device_id,
-                 platform=Platform(r.platform), token=r.token, app=r.app, attempts=r.attempts),
+                 platform=Platform(r.platform), token=r.token, app=r.app, attempts=r.attempts,
+                 p256dh=r.p256dh, auth=r.auth),
             bool(r.enabled),
         )
         for r in conn.execute(_load_claimed_statement(), {"ids": list(ids)})
@@ -220,7 +221,8 @@ def _load_claimed_statement():
     sender = users.alias("sender")
     return (
         sa.select(deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts, deliveries.c.device_id,
-                  devices.c.platform, devices.c.token, devices.c.app, devices.c.enabled,
+                  devices.c.platform, devices.c.token, devices.c.app, devices.c.enabled, devices.c.p256dh,
+                  devices.c.auth,
                   messages.c.chat_id, messages.c.sender_id, messages.c.text, chats.c.name.label("chat_name"),
                   sender.c.name.label("sender_name"))
         .select_from(deliveries)

@@ -21,6 +21,13 @@ from notifier.model import Push
 
 MAX_PAYLOAD_BYTES = 4096
 ELLIPSIS = "…"
+# PUSH_CONTENT=ids: what the phone shows until the app's notification service extension has
+# fetched the message (keys of the app's Localizable.strings)
+APNS_GENERIC_TITLE_KEY = "NEW_MESSAGE_TITLE"
+APNS_GENERIC_BODY_KEY = "NEW_MESSAGE_BODY"
+# RFC 8291 aes128gcm adds a 86-byte header (salt, record size, key id length, the sender's 65-byte
+# key), a 16-byte tag and a 1-byte padding delimiter; push services take at most 4096 bytes
+WEBPUSH_MAX_PLAINTEXT = MAX_PAYLOAD_BYTES - 86 - 16 - 1
 
 # A fixed namespace: apns-id = uuid5(namespace, "message:device"), so a re-send of
 # the same delivery (after a crash, a lease expiry, a retry) carries the same id.
@@ -42,13 +49,28 @@ def thread_id(chat_id: int) -> str:
     return f"chat-{int(chat_id)}"
 
 
-def apns_payload(push: Push, *, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
+def apns_payload(push: Push, *, limit: int = MAX_PAYLOAD_BYTES, content: str = "full") -> bytes:
     """The APNs JSON body for ``push`` (compact UTF-8, at most ``limit`` bytes).
 
     ``{"aps": {"alert": {"title": chat, "body": "sender: text"}, "thread-id": "chat-<id>",
     "sound": "default"}, "chat_id": <id>, "message_id": <id>}``. The TTL is not part
-    of the body: it travels in the ``apns-expiration`` header.
+    of the body: it travels in the ``apns-expiration`` header. With ``content="ids"`` the
+    alert is generic and localizable (``title-loc-key``, ``loc-key``) with ``mutable-content``,
+    and only ids travel: the app's notification service extension fetches the message.
     """
+    if content == "ids":
+        return _encode({
+            "aps": {
+                "alert": {"title-loc-key": APNS_GENERIC_TITLE_KEY, "loc-key": APNS_GENERIC_BODY_KEY},
+                "mutable-content": 1,
+                "thread-id": thread_id(push.chat_id),
+                "sound": "default",
+            },
+            "chat_id": int(push.chat_id),
+            "message_id": int(push.message_id),
+            "sender_id": int(push.sender_id),
+        })
+
     def build(title: str, sender: str, text: str) -> dict:
         return {
             "aps": {
@@ -64,13 +86,15 @@ def apns_payload(push: Push, *, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
     return encoded
 
 
-def fcm_message(push: Push, ttl: int, *, limit: int = MAX_PAYLOAD_BYTES) -> dict:
+def fcm_message(push: Push, ttl: int, *, limit: int = MAX_PAYLOAD_BYTES, content: str = "full") -> dict:
     """Keyword arguments for pyfcm's ``parse_payload`` (and ``notify``) for ``push``.
 
     notification title/body, ``data`` with chat_id/message_id/sender_id as strings,
     ``android.priority`` high, ``android.ttl`` "<ttl>s", ``android.notification.tag``
     per message so a duplicate replaces the first copy. The text is cut so that the
-    whole ``{"message": ...}`` request body stays within ``limit`` bytes.
+    whole ``{"message": ...}`` request body stays within ``limit`` bytes. With
+    ``content="ids"``: a data-only message (no notification: the app fetches the message
+    and shows it), ``android.collapse_key`` per message instead of the notification's tag.
     """
     if ttl < 0:
         raise ValueError("ttl must not be negative")
@@ -80,6 +104,9 @@ def fcm_message(push: Push, ttl: int, *, limit: int = MAX_PAYLOAD_BYTES) -> dict
         "message_id": str(int(push.message_id)),
         "sender_id": str(int(push.sender_id)),
     }
+    if content == "ids":
+        return {"fcm_token": push.token, "data_payload": data,
+                "android_config": {"priority": "high", "ttl": f"{int(ttl)}s", "collapse_key": collapse}}
     android = {
         "priority": "high",
         "ttl": f"{int(ttl)}s",
@@ -110,6 +137,27 @@ def fcm_message(push: Push, ttl: int, *, limit: int = MAX_PAYLOAD_BYTES) -> dict
 
     kwargs, _ = _fit(build, push, limit, measure=measure)
     return kwargs
+
+
+def webpush_payload(push: Push, *, limit: int = WEBPUSH_MAX_PLAINTEXT, content: str = "full") -> bytes:
+    """The Web Push plaintext for ``push`` (compact UTF-8 JSON, at most ``limit`` bytes, so that
+    once encrypted it fits the push services' 4096 bytes): ``{"title": chat, "body": "sender:
+    text", "chat_id", "message_id", "sender_id"}``; with ``content="ids"`` only the ids."""
+    ids = {"chat_id": int(push.chat_id), "message_id": int(push.message_id), "sender_id": int(push.sender_id)}
+    if content == "ids":
+        return _encode(ids)
+
+    def build(title: str, sender: str, text: str) -> dict:
+        return {"title": title, "body": f"{sender}: {text}", **ids}
+
+    _, encoded = _fit(build, push, limit)
+    return encoded
+
+
+def webpush_topic(message_id: int) -> str:
+    """The Topic header of a message's pushes (at most 32 base64url characters): a re-send
+    replaces the first copy while it waits on the push service."""
+    return f"msg-{int(message_id)}"
 
 
 def encoded_size(document: dict) -> int:

@@ -39,6 +39,10 @@ devices = sa.Table(
     # why the device stopped receiving: "unregistered" (the provider said so), "deleted" (the user)
     sa.Column("disabled_reason", sa.String(64)),
     sa.Column("created_at", sa.Double, nullable=False),
+    # Web Push only: the subscription's keys, base64url (a 65-byte P-256 point, a 16-byte secret);
+    # the token is then the subscription's endpoint
+    sa.Column("p256dh", sa.String(100)),
+    sa.Column("auth", sa.String(32)),
     # a token identifies one phone whatever the platform: it can belong to one user at a time
     sa.UniqueConstraint("token", name="uq_devices_token"),
 )

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import sqlalchemy as sa
 from standardwebhooks import Webhook
@@ -24,6 +24,9 @@ from standardwebhooks import Webhook
 from notifier import db, events
 from notifier.config import Settings
 from notifier.retry import RetryPolicy
+
+if TYPE_CHECKING:  # imported for real when the sender starts (see WebhookSender.run)
+    import aiohttp
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ import json
 import threading
 
 import pytest
-import sqlalchemy as sa
 
 from notifier import completion, devices, events, outbox, retention, schema
 from notifier.model import DeliveryState

@@ -38,9 +38,10 @@ from notifier.providers.apns import APNsProvider
 from notifier.providers.base import Provider, shorten_token, tls_context
 from notifier.providers.dryrun import DryRunProvider
 from notifier.providers.fcm import FCMProvider
+from notifier.providers.webpush import WebPushProvider, vapid_public_key
 from notifier.retry import RetryPolicy
 
-__all__ = ["Provider", "build_providers", "check_configuration", "shorten_token", "tls_context"]
+__all__ = ["Provider", "build_providers", "check_configuration", "shorten_token", "tls_context", "vapid_public_key"]
 
 
 def build_providers(settings: Settings) -> dict[Platform, Provider]:
@@ -58,6 +59,10 @@ def build_providers(settings: Settings) -> dict[Platform, Provider]:
         providers[Platform.FCM] = FCMProvider(settings)
     else:
         providers[Platform.FCM] = DryRunProvider(Platform.FCM, settings)
+    if settings.webpush_configured:
+        providers[Platform.WEBPUSH] = WebPushProvider(settings)
+    else:
+        providers[Platform.WEBPUSH] = DryRunProvider(Platform.WEBPUSH, settings)
     return providers
 
 

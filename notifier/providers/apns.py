@@ -114,6 +114,7 @@ class APNsProvider:
             raise ConfigError("APNS_TOPIC: required when APNs credentials are set")
         self._topic = settings.apns_topic
         self._ttl = settings.push_ttl
+        self._content = settings.push_content
         self._request_timeout = request_timeout
         self._host, self._port = _endpoint(settings)
         self.endpoint = f"{self._host}:{self._port}"
@@ -155,7 +156,8 @@ class APNsProvider:
         if self._token is not None:
             headers.append((b"authorization", self._token.header()))
         path = b"/3/device/" + quote(push.token, safe="").encode("ascii")
-        payload = _message_payload(dataclasses.replace(push, delivery_id=0, device_id=0, token="", attempts=0))
+        payload = _message_payload(dataclasses.replace(push, delivery_id=0, device_id=0, token="", attempts=0),
+                                   self._content)
         status, reason, retry_after = await self._post(path, headers, payload)
         outcome = classify(Platform.APNS, status, reason)
         if outcome is Outcome.AUTH:
@@ -280,9 +282,9 @@ def _check_certificate(path: str) -> None:
 
 
 @lru_cache(maxsize=64)
-def _message_payload(push: Push) -> bytes:
+def _message_payload(push: Push, content: str) -> bytes:
     """The payload depends on the message only: built once per message, not once per device."""
-    return apns_payload(push)
+    return apns_payload(push, content=content)
 
 
 def _valid_header_value(value: str) -> bool:

@@ -176,6 +176,7 @@ class FCMProvider:
                                 connect_timeout=connect_timeout)
         self._timeout = read_timeout
         self._ttl = settings.push_ttl
+        self._content = settings.push_content
         self._closed = False
         self._warned_at = 0.0
 
@@ -184,7 +185,7 @@ class FCMProvider:
     async def send(self, push: Push) -> Result:
         if self._closed:
             return Result(Outcome.TRANSIENT, None, "provider_closed")
-        body = self._builder.parse_payload(**fcm_message(push, self._ttl))
+        body = self._builder.parse_payload(**fcm_message(push, self._ttl, content=self._content))
         result = await self._post(body)
         if result.outcome is not Outcome.SENT and logger.isEnabledFor(logging.DEBUG):
             logger.debug("FCM: delivery %s to %s: %s %s -> %s", push.delivery_id,
