@@ -81,3 +81,40 @@ def test_the_secret_and_the_urls_password_never_reach_the_logged_settings():
     settings = load_settings({"WEBHOOK_URL": "https://user:hunter2@hooks.example.com/chat", "WEBHOOK_SECRET": secret})
     logged = str(settings.redacted()) + repr(settings)
     assert secret not in logged and "hunter2" not in logged
+
+
+# ---------------------------------------------------------------- Web Push and push content
+
+def test_web_push_is_a_dry_run_until_a_vapid_key_is_set(tmp_path):
+    assert load_settings({}).webpush_configured is False
+    key = tmp_path / "vapid.pem"
+    key.write_text("not checked here: the provider loads it at start-up")
+    settings = load_settings({"VAPID_PRIVATE_KEY_FILE": str(key), "VAPID_SUBJECT": "mailto:ops@example.com"})
+    assert settings.webpush_configured is True
+
+
+@pytest.mark.parametrize("environ, variable", [
+    ({"VAPID_SUBJECT": "ops@example.com"}, "VAPID_SUBJECT"),           # neither mailto: nor https:
+    ({"VAPID_SUBJECT": "http://example.com"}, "VAPID_SUBJECT"),
+    ({"VAPID_PRIVATE_KEY_FILE": "/nonexistent/vapid.pem"}, "VAPID_PRIVATE_KEY_FILE"),
+    ({"WEBPUSH_ALLOWED_HOSTS": "*"}, "WEBPUSH_ALLOWED_HOSTS"),
+    ({"WEBPUSH_ALLOWED_HOSTS": "https://fcm.googleapis.com"}, "WEBPUSH_ALLOWED_HOSTS"),
+    ({"WEBPUSH_ALLOWED_HOSTS": "push.example.com:99999"}, "WEBPUSH_ALLOWED_HOSTS"),
+    ({"PUSH_CONTENT": "none"}, "PUSH_CONTENT"),
+    ({"VAPID_KEY": "x"}, "VAPID_KEY"),  # not a setting
+])
+def test_bad_web_push_settings_name_the_variable(environ, variable):
+    with pytest.raises(ConfigError, match=f"^{variable}: "):
+        load_settings(environ)
+
+
+def test_a_vapid_key_needs_a_subject(tmp_path):
+    key = tmp_path / "vapid.pem"
+    key.write_text("x")
+    with pytest.raises(ConfigError, match="^VAPID_SUBJECT: required"):
+        load_settings({"VAPID_PRIVATE_KEY_FILE": str(key)})
+
+
+def test_push_content_defaults_to_full():
+    assert load_settings({}).push_content == "full"
+    assert load_settings({"PUSH_CONTENT": "ids"}).push_content == "ids"
