@@ -21,6 +21,10 @@ Sources:
   INTERNAL (500), THIRD_PARTY_AUTH_ERROR (401: the APNs certificate or web push
   key configured in Firebase is invalid).
 
+- RFC 8030 and the browsers' push services for Web Push: no shared reason strings, the status
+  decides (201 accepted, 404/410 the subscription is gone, 413 too large, 429 and 5xx retried,
+  401/403 our VAPID credentials).
+
 FCM's INVALID_ARGUMENT covers both a bad registration token and a bad message.
 The FCM provider looks at Google's error message and passes the reason
 ``"INVALID_ARGUMENT:token"`` when the token is what Google rejected, so this
