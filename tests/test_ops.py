@@ -11,7 +11,8 @@ from chat_app.validation import MAX_ID
 from notifier.config import Settings
 from tests.webapp import ContractTestApp, assert_error, schema_validator
 
-PUBLIC = {("POST", "/v1/users"), ("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/openapi.json")}
+PUBLIC = {("POST", "/v1/users"), ("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/openapi.json"),
+          ("GET", "/v1/webpush/key")}
 
 
 # ---------------------------------------------------------------- /healthz and /metrics
