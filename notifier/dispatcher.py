@@ -165,16 +165,21 @@ class Dispatcher:
         """Record a sent batch, waiting out a database outage: giving up would re-send the whole
         batch once the leases expire. Past the lease, another dispatcher may have taken the rows
         (at least once), so stop trying then."""
-        deadline = time.monotonic() + self.settings.push_lease
+        await self.persist("a batch", self.settings.push_lease, self._record, updates, dead_devices, message_ids)
+
+    async def persist(self, what: str, within: float, call, *args) -> None:
+        """Run the write `call(*args)` (as db() does), waiting out a database outage for `within`
+        seconds (a lease's length: after that another dispatcher may redo the work), then raise."""
+        deadline = time.monotonic() + within
         while True:
             try:
-                await self.db(self._record, updates, dead_devices, message_ids)
+                await self.db(call, *args)
                 return
             except sa.exc.DBAPIError as exc:
                 if time.monotonic() > deadline:
                     raise
-                logger.warning("notifier: database unavailable while recording a batch (%s); retrying",
-                               type(exc.orig).__name__)
+                logger.warning("notifier: database unavailable while recording %s (%s); retrying",
+                               what, type(exc.orig).__name__)
                 await asyncio.sleep(DB_RETRY_INTERVAL)
 
     def _record(self, updates: list[outbox.Update], dead_devices: list[tuple[int, str | None]],

@@ -174,7 +174,7 @@ class Runner:
         helpers = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._maintenance())]
         if self.settings.webhooks_enabled:
             dispatcher = self.dispatcher
-            sender = WebhookSender(self.settings, self.engine, dispatcher.db, dispatcher.owner,
+            sender = WebhookSender(self.settings, self.engine, dispatcher.db, dispatcher.persist, dispatcher.owner,
                                    dispatcher.events_written,
                                    self.metrics.observe_webhook if self.metrics is not None else None,
                                    clock=self.clock)

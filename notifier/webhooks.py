@@ -23,6 +23,7 @@ from standardwebhooks import Webhook
 
 from notifier import db, events
 from notifier.config import Settings
+from notifier.dispatcher import DB_RETRY_INTERVAL
 from notifier.retry import RetryPolicy
 
 if TYPE_CHECKING:  # imported for real when the sender starts (see WebhookSender.run)
@@ -35,7 +36,6 @@ LEASE = 60.0             # an event's lease while it is being sent: well over TI
 RETRY_CAP = 6 * 3600.0   # the back-off doubles from WEBHOOK_RETRY_BASE up to six hours
 POLL_INTERVAL = 1.0      # look for due events at least this often
 MIN_PAUSE = 0.01         # the shortest wait between two looks
-DB_RETRY_INTERVAL = 0.5  # how often to try again to record an attempt while the database is down
 USER_AGENT = "chat-notifier-webhooks"
 
 
@@ -82,9 +82,9 @@ class WebhookSender:
     """Sends due events until cancelled. `db` runs a blocking database call the way the dispatcher
     runs its own (inline on SQLite, on a thread on PostgreSQL); `wake` is set when events are written."""
 
-    def __init__(self, settings: Settings, engine, run_db: Callable[..., Awaitable], owner: str,
-                 wake: asyncio.Event, observe: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.time):
+    def __init__(self, settings: Settings, engine, run_db: Callable[..., Awaitable],
+                 persist: Callable[..., Awaitable], owner: str, wake: asyncio.Event,
+                 observe: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time):
         self.url = settings.webhook_url
         self.signer = Webhook(settings.webhook_secret)
         self.policy = RetryPolicy(base=settings.webhook_retry_base, cap=max(RETRY_CAP, settings.webhook_retry_base), max_attempts=settings.webhook_max_attempts)
@@ -92,6 +92,7 @@ class WebhookSender:
         self.engine = engine
         self.writer = db.writer(engine)
         self.db = run_db
+        self.persist = persist
         self.owner = owner
         self.wake = wake
         self.observe = observe
@@ -186,7 +187,9 @@ class WebhookSender:
                            event.type, attempts, answer.status or answer.error, next_at - now)
         if self.observe is not None:
             self.observe(outcome if outcome != "retry" or state == events.PENDING else "gave_up")
-        await self._record(event, now, seconds, answer, state, next_at)
+        # waiting out a database outage for as long as the lease lasts (after that another
+        # dispatcher may send the event again: at least once)
+        await self.persist("a webhook attempt", LEASE, self._write, event.id, now, seconds, answer, state, next_at)
 
     async def _post(self, session: aiohttp.ClientSession, event: events.ClaimedEvent) -> Answer:
         headers = signed_headers(self.signer, event.webhook_id, event.body, self.clock())
@@ -200,21 +203,6 @@ class WebhookSender:
         except self._client_error as exc:
             # the class only: some aiohttp messages quote the URL, which may hold credentials
             return Answer(None, type(exc).__name__)
-
-    async def _record(self, event, now, seconds, answer: Answer, state: str, next_at: float) -> None:
-        """Record the attempt, waiting out a database outage for as long as the lease lasts (after
-        that another dispatcher may send the event again: at least once)."""
-        deadline = time.monotonic() + LEASE
-        while True:
-            try:
-                await self.db(self._write, event.id, now, seconds, answer, state, next_at)
-                return
-            except sa.exc.DBAPIError as exc:
-                if time.monotonic() > deadline:
-                    raise
-                logger.warning("webhooks: database unavailable while recording an attempt (%s); retrying",
-                               type(exc.orig).__name__)
-                await asyncio.sleep(DB_RETRY_INTERVAL)
 
     def _write(self, event_id: int, now: float, seconds: float, answer: Answer, state: str,
                next_at: float) -> None:
