@@ -13,7 +13,7 @@ from bottle import Bottle, HTTPResponse, request
 
 from chat_app import store
 from chat_app.errors import ApiError, error_body, error_response, internal_error_response, unknown_token
-from chat_app.routes import chats, devices, messages, ops, users
+from chat_app.routes import chats, dashboard, devices, messages, ops, users
 import notifier
 from notifier import Settings, Waker, resolve_database_url
 
@@ -99,7 +99,7 @@ def create_app(settings: Settings, wake: Callable[[], None] | None = None,
     # `<name:id>`: ASCII digits, handed to the route as text for validation.path_id (Bottle's `int`
     # also takes '-1' and non-ASCII digits, and answers an HTML 400 to more than 4300 digits)
     app.router.add_filter("id", lambda _conf: (r"[0-9]+", None, None))
-    for module in (users, devices, chats, messages, ops):
+    for module in (users, devices, chats, messages, ops, dashboard):
         module.register(app, ctx)
     for status, code, message in (
         (400, "invalid_json", "the request body could not be read"),  # Bottle's own: a malformed chunked body

@@ -18,8 +18,10 @@ own business and may be rearranged freely.
 - reports: `delivery_report`, `queue_depth`, `webhook_backlog`, `dispatcher_status`,
   `render_metrics`, `HEARTBEAT_STALE_AFTER`
 - vocabulary: `DeliveryState`, `iso`
+- the operator dashboard: `dashboard_summary` (the last hour and the queue, for /ops/api/summary)
 """
 from notifier.completion import delivery_report
+from notifier.dashboard import summary as dashboard_summary
 from notifier.config import Settings, load_settings, resolve_database_url
 from notifier.db import DriverStatement, Writer, autocommit, make_engine, migrate, ping, writer
 from notifier.devices import (device_by_token, device_owner, disable_devices, insert_device, list_devices,
@@ -45,4 +47,5 @@ __all__ = [
     "delivery_report", "queue_depth", "webhook_backlog", "dispatcher_status", "render_metrics",
     "HEARTBEAT_STALE_AFTER",
     "DeliveryState", "iso",
+    "dashboard_summary",
 ]

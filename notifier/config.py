@@ -78,6 +78,8 @@ class Settings:
     webhook_max_attempts: int = 18
     webhook_retry_base: float = 10.0
     webhook_concurrency: int = 8
+    # the operator dashboard (/ops/, HTTP Basic user `ops`): off unless set
+    ops_password: str | None = field(default=None, repr=False)
 
     @property
     def apns_configured(self) -> bool:
@@ -100,6 +102,11 @@ class Settings:
         return bool(self.webhook_url and self.webhook_secret)
 
     @property
+    def ops_enabled(self) -> bool:
+        """True when the operator dashboard is served (OPS_PASSWORD is set)."""
+        return bool(self.ops_password)
+
+    @property
     def run_dir(self) -> Path:
         """Where the dispatcher keeps its lock file and wake-up socket."""
         path = Path(self.push_run_dir)
@@ -111,6 +118,8 @@ class Settings:
         values["database_url"] = _redact_url(self.database_url)
         if self.webhook_secret is not None:
             values["webhook_secret"] = "***"
+        if self.ops_password is not None:
+            values["ops_password"] = "***"
         values["webhook_url"] = _redact_url(self.webhook_url) if self.webhook_url else None
         return values
 
@@ -176,6 +185,19 @@ def _webhook_secret(value: str) -> str:
         raise ValueError("the part after 'whsec_' is not valid base64") from None
     if not 24 <= len(key) <= 64:
         raise ValueError(f"the key is {len(key)} bytes; it must be 24 to 64")
+    return value
+
+
+OPS_PASSWORD_LENGTH = (16, 1024)  # characters: long enough to resist guessing over HTTP, short enough to hash
+
+
+def _ops_password(value: str) -> str:
+    # never quote the value in the message: it is a secret
+    shortest, longest = OPS_PASSWORD_LENGTH
+    if not shortest <= len(value) <= longest:
+        raise ValueError(f"must be {shortest} to {longest} characters long (it is {len(value)})")
+    if not value.isprintable() or value != value.strip():
+        raise ValueError("must be printable characters, without leading or trailing spaces")
     return value
 
 
@@ -254,6 +276,7 @@ VARIABLES: dict[str, tuple[str, callable]] = {
     "WEBHOOK_MAX_ATTEMPTS": ("webhook_max_attempts", _positive_int),
     "WEBHOOK_RETRY_BASE": ("webhook_retry_base", _positive_float),
     "WEBHOOK_CONCURRENCY": ("webhook_concurrency", _positive_int),
+    "OPS_PASSWORD": ("ops_password", _ops_password),
 }
 
 

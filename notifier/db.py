@@ -27,7 +27,7 @@ MIGRATIONS = Path(__file__).resolve().with_name("migrations")  # Alembic's env.p
 
 # the newest revision in migrations/versions/: a database already there starts without importing
 # Alembic (0.15-0.2 s of every start and reload); migrate() refuses to run if this is stale
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 
 MIGRATION_LOCK = 7311001  # PostgreSQL advisory lock key for schema changes (the first release's, kept)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from notifier import completion, db, devices, events, outbox
+from notifier import completion, db, devices, events, minutes, outbox
 from notifier.config import Settings
 from notifier.metrics import DispatcherMetrics
 from notifier.model import DeliveryState, Outcome, Platform, Result
@@ -190,6 +190,8 @@ class Dispatcher:
         with_events = self.settings.webhooks_enabled
         with self.writer.begin() as conn:
             written = outbox.record_updates(conn, self.owner, updates, self.settings.push_host_id)
+            if written:  # the dashboard's per-minute counters, committed with the outcomes they count
+                minutes.count_outcomes(conn, [u.delivery_id for u in updates], now)
             disabled = devices.disable_dead_devices(conn, dead_devices)
             if with_events:
                 for device in disabled:

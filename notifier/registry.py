@@ -70,3 +70,14 @@ def take_over(conn: Connection, own_id: int, now: float, host_id: str | None = N
         conn.execute(dispatchers.update().where(dispatchers.c.id == row.id).values(stopped_at=now))
         taken.append((owner, released))
     return taken
+
+
+def dispatchers_alive(conn: Connection, now: float, stale_after: float) -> list[dict]:
+    """Dispatchers seen alive within `stale_after` seconds, on every host: who, since when, last seen."""
+    rows = conn.execute(
+        sa.select(dispatchers.c.host_id, dispatchers.c.pid, dispatchers.c.started_at, dispatchers.c.heartbeat_at)
+        .where(dispatchers.c.stopped_at.is_(None), dispatchers.c.heartbeat_at >= now - stale_after)
+        .order_by(dispatchers.c.host_id, dispatchers.c.id)
+    ).all()
+    return [{"host_id": r.host_id, "pid": r.pid, "started": iso(r.started_at), "last_heartbeat": iso(r.heartbeat_at),
+             "heartbeat_age": round(now - r.heartbeat_at, 1)} for r in rows]

@@ -2,7 +2,8 @@
 
 What goes: the delivery rows and the push job of a message whose fan-out completed before the
 cutoff (its summary stays in `fanouts`, marked pruned), and webhook events delivered or given up
-on before it, with their attempts. What stays: messages (the chat history), devices, summaries,
+on before it, with their attempts, and the dashboard's per-minute counters and queue samples (kept
+for an hour at least, the dashboard's window). What stays: messages (the chat history), devices, summaries,
 and anything unfinished, however old.
 
 Each batch is one short write transaction of at most BATCH rows: SQLite has a single write lock
@@ -13,8 +14,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from notifier import events
-from notifier.schema import deliveries, fanouts, push_jobs, webhook_attempts, webhook_events
+from notifier import events, minutes
+from notifier.schema import (deliveries, delivery_minutes, fanouts, push_jobs, queue_samples, webhook_attempts,
+                             webhook_events)
 
 BATCH = 500  # rows deleted per transaction
 
@@ -50,3 +52,21 @@ def prune_events(conn: Connection, cutoff: float) -> int:
         conn.execute(webhook_attempts.delete().where(webhook_attempts.c.event_id.in_(ids)))
         conn.execute(webhook_events.delete().where(webhook_events.c.id.in_(ids)))
     return len(ids)
+
+
+MINUTES_PER_BATCH = 10  # of per-minute rows per transaction: a few hundred rows at most
+
+
+def prune_minutes(conn: Connection, cutoff: float, now: float) -> int:
+    """One batch: delete the dashboard's per-minute counters and queue samples of up to
+    MINUTES_PER_BATCH minutes before `cutoff`, never of the hour the dashboard shows (however short
+    PUSH_RETENTION is). Returns the rows deleted. A maintenance pass every minute deletes far more
+    minutes than one more minute adds, so one call per pass keeps up."""
+    before = minutes.minute_of(min(cutoff, now - minutes.WINDOW * 60))
+    deleted = 0
+    for table in (delivery_minutes, queue_samples):
+        first = conn.execute(sa.select(sa.func.min(table.c.minute))).scalar()
+        if first is not None and first < before:
+            upto = min(before, first + MINUTES_PER_BATCH)
+            deleted += conn.execute(table.delete().where(table.c.minute < upto)).rowcount
+    return deleted

@@ -25,7 +25,7 @@ from typing import Callable
 
 import sqlalchemy as sa
 
-from notifier import completion, db, events, outbox, registry, retention
+from notifier import completion, db, events, minutes, outbox, registry, retention
 from notifier.dispatcher import DB_RETRY_INTERVAL, Dispatcher
 from notifier.metrics import HEARTBEAT_INTERVAL, DispatcherMetrics
 from notifier.webhooks import WebhookSender
@@ -309,6 +309,8 @@ class Runner:
                     break
                 done[kind] += deleted
                 await asyncio.sleep(PRUNE_PAUSE)
+        # the dashboard's per-minute history: a few hundred rows at most per pass
+        await dispatcher.db(self._in_transaction, retention.prune_minutes, cutoff, now)
         if done["completed"]:
             dispatcher.events_written.set()
             logger.warning("notifier: %d complete fan-out(s) had not been noticed; completed now", done["completed"])
@@ -327,6 +329,7 @@ class Runner:
         now = self.clock()
         with db.writer(self.engine).begin() as conn:
             registry.heartbeat(conn, self.registry_id, now)
+            minutes.sample_queue(conn, now)  # the dashboard's queue history: once a minute, any host
             outbox.renew_leases(conn, dispatcher.owner, set(dispatcher.in_flight), now + self.settings.push_lease)
             return registry.take_over(conn, self.registry_id, now,
                                      stale_before=now - STALE_HEARTBEATS * interval)

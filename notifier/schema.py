@@ -180,3 +180,26 @@ dispatchers = sa.Table(
     sa.Column("stopped_at", sa.Double),
     sa.Index("ix_dispatchers_host", "host_id", "heartbeat_at"),
 )
+
+
+# the operator dashboard's per-minute counters: deliveries recorded in each minute (epoch seconds
+# // 60) by platform and outcome (sent, failed, skipped, retried); `reason` is the provider's for
+# failures, '' otherwise. Upserted by the transaction that records a batch, pruned by retention
+delivery_minutes = sa.Table(
+    "delivery_minutes", metadata,
+    sa.Column("minute", sa.Integer, primary_key=True),
+    sa.Column("platform", sa.String(8), primary_key=True),
+    sa.Column("outcome", sa.String(16), primary_key=True),
+    sa.Column("reason", sa.String(255), primary_key=True),
+    sa.Column("count", sa.Integer, nullable=False),
+)
+
+
+# the queue as a dispatcher's heartbeat saw it, one row per minute: the dashboard's last hour
+queue_samples = sa.Table(
+    "queue_samples", metadata,
+    sa.Column("minute", sa.Integer, primary_key=True, autoincrement=False),  # a time, not a serial
+    sa.Column("pending_jobs", sa.Integer, nullable=False),
+    sa.Column("pending_deliveries", sa.Integer, nullable=False),
+    sa.Column("oldest_pending_age", sa.Double, nullable=False),
+)
