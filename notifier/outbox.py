@@ -15,6 +15,7 @@ from notifier.model import DeliveryState, Platform, Push, iso
 from notifier.schema import Id, chats, deliveries, devices, members, messages, push_jobs, users
 
 
+MAX_DEVICE_ID = 2**63 - 1  # above any id either database can hold
 ID_CHUNK = 5_000  # ids per IN (...) list: under SQLite's 32,766 bound parameters, and small for PostgreSQL
 
 
@@ -134,8 +135,12 @@ def _expansion_statements(dialect: str) -> tuple:
     SQLAlchemy's execute they held SQLite's write queue about 0.3 ms per job."""
     now = sa.bindparam("now", type_=sa.Double)
     after_user, after_device = sa.bindparam("after_user", type_=Id), sa.bindparam("after_device", type_=Id)
+    # "after (user, device)" as a range on each member's devices, not an OR: with the OR, SQLite
+    # could only look a member's devices up by user, and re-read all of them for every chunk (a
+    # member with a million devices: 150-200 ms per chunk, quadratic over the fan-out); with a
+    # bound that is constant per member it seeks to the cursor (0.2-0.4 ms at any position)
     after = sa.and_(members.c.user_id >= after_user,
-                    sa.or_(members.c.user_id > after_user, devices.c.id > after_device))
+                    devices.c.id > sa.case((members.c.user_id == after_user, after_device), else_=-1))
 
     def recipients(*columns):
         return (
@@ -159,7 +164,8 @@ def _expansion_statements(dialect: str) -> tuple:
                sa.literal(0), now, now, sa.bindparam("lease_owner", type_=sa.String),
                sa.bindparam("lease_until", type_=sa.Double))
     end_user, end_device = sa.bindparam("end_user", type_=Id), sa.bindparam("end_device", type_=Id)
-    upto = sa.or_(members.c.user_id < end_user, sa.and_(members.c.user_id == end_user, devices.c.id <= end_device))
+    upto = sa.and_(members.c.user_id <= end_user,
+                   devices.c.id <= sa.case((members.c.user_id == end_user, end_device), else_=MAX_DEVICE_ID))
     next_job = (sa.select(push_jobs.c.id, push_jobs.c.message_id, push_jobs.c.cursor_user, push_jobs.c.cursor_device)
                 .where(push_jobs.c.state == "pending", push_jobs.c.id > sa.bindparam("after_job", type_=Id))
                 .order_by(push_jobs.c.id).limit(1))
