@@ -1,5 +1,5 @@
-"""`python -m bench [--only NAME ...] [--quick] [--keep]`: run the benchmarks, print one table per
-benchmark, save bench/results/<name>.json and bench/results/latest.json (all of them + the machine)."""
+"""`python -m bench [--only NAME ...] [--quick] [--keep] [--devices N]`: run the benchmarks, print one
+table per benchmark, save bench/results/<name>.json and bench/results/latest.json (all of them + the machine)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ import traceback
 
 from bench.common import RESULTS, machine_info, print_tables, save
 
-BENCHMARKS = ("latency", "fanout", "memory", "sustained", "multihost", "floor")
+BENCHMARKS = ("latency", "fanout", "memory", "sustained", "webhooks", "dashboard", "multihost", "floor")
 
 
 def main(argv=None) -> int:
@@ -19,6 +19,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not a measurement")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, databases)")
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="memory: devices of its big fan-out (default 100,000; issue 10's scale target: 1000000)")
     args = parser.parse_args(argv)
 
     from bench.env import BenchEnv
@@ -38,7 +40,9 @@ def main(argv=None) -> int:
             print(f"\n== {name}{' (quick)' if args.quick else ''}", flush=True)
             began = time.monotonic()
             try:
-                result = module.run(env, quick=args.quick)
+                # --devices is the memory benchmark's alone: the others' sizes are fixed
+                extra = {"devices": args.devices} if name == "memory" and args.devices else {}
+                result = module.run(env, quick=args.quick, **extra)
             except Exception:  # noqa: BLE001 - report, run the others
                 traceback.print_exc()
                 failed.append(name)

@@ -3,8 +3,8 @@
 Open loop: POSTs start at a fixed rate whatever the answers do. Every second the outbox is sampled
 through GET /healthz (pending jobs, pending deliveries, oldest pending age). After the load, the
 dispatcher drains for a few seconds (its drain rate is measured), then the rest is dropped and a
-second, shorter phase runs at 70 % of that measured drain rate (SECOND_SHARE), to show the rate this
-machine sustains with a flat queue.
+second phase runs for 60 s at 70 % of that measured drain rate (SECOND_SHARE), to show the rate this
+machine sustains with a flat queue (issue 10: the queue flat and the POST p99 under 15 ms there).
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from bench.procs import CpuMeter, group_pids
 
 NAME = "sustained"
 RATE, DURATION = 50, 60
-SECOND_SHARE, SECOND_DURATION = 0.7, 30
+SECOND_SHARE, SECOND_DURATION = 0.7, 60
+SECOND_P99_MS = 15   # issue 10: POST p99 at 70 % of the capacity
 DEVICES = 200
 CHATS = 10
 DRAIN_WATCH = 10
@@ -82,7 +83,9 @@ def run(env: BenchEnv, quick: bool = False) -> dict:
         drop_backlog(server)
         time.sleep(1.0)
         wait_drained(server, 10)
-        second_rate = max(1, int(SECOND_SHARE * first["drain_rate_after"] / DEVICES))
+        # to a tenth of a message/s, not a whole one: at a drain rate of 532 pushes/s, int() made
+        # 70 % of 2.66 messages/s into 1/s, 38 % of the capacity (open_loop takes any rate)
+        second_rate = max(0.1, round(SECOND_SHARE * first["drain_rate_after"] / DEVICES, 1))
         low = _phase(env, server, requests, pid, second_rate, second)
         low["drained_after_s"] = wait_drained(server, 30)
     finally:
@@ -96,14 +99,28 @@ def run(env: BenchEnv, quick: bool = False) -> dict:
             "value": f"backlog grows {low['backlog_growth_per_s']}/s; oldest pending {low['oldest_pending_age_end_s']} s",
             "target": f"no growth without bound (informative: {SECOND_SHARE:.0%} of the drain rate)",
             "met": (low["backlog_growth_per_s"] or 0) <= 0.05 * second_rate * DEVICES},
+        f"post_p99_ms_at_{second_rate}_per_s": {
+            "value": low["post_latency_ms"]["p99"], "target": f"< {SECOND_P99_MS}",
+            "met": low["post_latency_ms"]["p99"] is not None and low["post_latency_ms"]["p99"] < SECOND_P99_MS},
     }
-    tables = []
+    tables = [table(
+        "Sustained load: the phases",
+        ["phase", "POST/s", "seconds", "posted", "errors", "p50 ms", "p99 ms", "pushes/s", "backlog slope/s",
+         "pending at end", "uwsgi CPU s", "dispatcher CPU s", "fakes CPU s", "other CPU s"],
+        [[label, phase["rate"], phase["duration_s"], phase["posted"], phase["errors"],
+          phase["post_latency_ms"]["p50"], phase["post_latency_ms"]["p99"], phase["push_rate"],
+          phase["backlog_growth_per_s"], phase["pending_end"]["deliveries"], phase["cpu_s"]["uwsgi"],
+          phase["cpu_s"]["dispatcher"], phase["cpu_s"]["fakes"], phase["cpu_s"]["other"]]
+         for label, phase in (("asked 50/s", first), (f"{SECOND_SHARE:.0%} of drain", low))],
+        [f"{DEVICES} APNs devices per chat, {CHATS} chats in turn; backlog slope: least squares over the "
+         "second half of the phase (pending deliveries + 200 x pending jobs); other CPU s: the rest of the "
+         "machine during the phase"])]
     for phase in (first, low):
         every = 5 if phase["duration_s"] >= 30 else 1
         shown = [s for s in phase["samples"] if s["t"] % every == 0 or s is phase["samples"][-1]]
         rows = [[s["t"], s["pending_jobs"], s["pending_deliveries"], s["oldest_pending_age"], s["pushed"],
                  round(s["pushed"] / s["t"]) if s["t"] else None] for s in shown]
-        notes = [f"{phase['rate']} POST/s x {DEVICES} devices = {phase['rate'] * DEVICES:,} pushes/s asked; "
+        notes = [f"{phase['rate']} POST/s x {DEVICES} devices = {round(phase['rate'] * DEVICES):,} pushes/s asked; "
                  f"sampled every second through GET /healthz, every {every} s shown",
                  f"POST latency p50 {phase['post_latency_ms']['p50']} ms, p99 {phase['post_latency_ms']['p99']} ms; "
                  f"{phase['posted']} posted, {phase['errors']} errors",
