@@ -8,6 +8,7 @@ purpose) by kill_dispatchers(), found through the database's dispatcher registry
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import signal
@@ -97,11 +98,15 @@ _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
 
 
-def _terminate_with_parent() -> None:
+def _terminate_with_parent(parent: int) -> None:
     """Runs in the child between fork and exec: the kernel sends it SIGTERM (uWSGI's die-on-term:
     a clean stop) when the test process dies. A session killed mid-run (SIGKILL, a timeout) then
-    leaves no uWSGI behind, re-parented to init and holding ports and files."""
+    leaves no uWSGI behind, re-parented to init and holding ports and files. A parent that died
+    before the request was made sends nothing (prctl(2)): then the child exits at once (seen: a
+    benchmark killed while it started a server left that uWSGI running)."""
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class UwsgiServer:
@@ -139,7 +144,7 @@ class UwsgiServer:
         self.process = subprocess.Popen(
             [str(UWSGI), "--ini", str(ROOT / "uwsgi.ini"), *self.args],
             cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_terminate_with_parent if main_thread else None,
+            start_new_session=True, preexec_fn=functools.partial(_terminate_with_parent, os.getpid()) if main_thread else None,
         )
         if self.started_ticks is None:
             self.started_ticks = start_ticks(self.process.pid)
