@@ -14,11 +14,21 @@ SETTINGS has arrived, then keeps min(M, its MAX_CONCURRENT_STREAMS) in flight (G
 as for APNs: literals without Huffman, the constant ones (path, authority, bearer token, content type)
 indexed once per connection, content-length not indexed.
 
+Web Push: asyncio + one aiohttp session with the provider's connection limit (100 per push service,
+notifier.providers.webpush.CONNECTIONS_PER_HOST), as many workers as connections, each doing per push
+what the provider does: `WebPusher(subscription).encode(payload)` (RFC 8291: a fresh ECDH key, an ECDH
+with the browser's key, HKDFs, AES-GCM) and the POST with the provider's headers and one VAPID
+`Authorization` signed before the clock (the provider signs one per push service and reuses it). Here
+the encryption is part of the per-push work, so it is inside the clock; only the payload bytes and the
+headers are built before it. The connections are opened before the clock too (a warm-up of one push
+per connection), as the dispatcher's are warm.
+
 Requests are built before the clock starts: this measures what the fake and the wire allow.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import json
 import os
@@ -33,8 +43,9 @@ from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged,
     StreamReset
 from hpack import Encoder, NeverIndexedHeaderTuple
 
+from bench.common import cpu_seconds
 from notifier.model import Platform, Push
-from notifier.payload import apns_collapse_id, apns_id, apns_payload, fcm_message
+from notifier.payload import apns_collapse_id, apns_id, apns_payload, fcm_message, webpush_payload, webpush_topic
 
 
 def sample_push(platform: Platform, token: str, index: int, message_id: int = 1) -> Push:
@@ -392,3 +403,121 @@ async def _mixed_ceiling(apns_reqs, fcm_reqs, apns_args: dict, fcm_args: dict) -
     elapsed = time.perf_counter() - started
     total = len(apns_reqs) + len(fcm_reqs)
     return {"requests": total, "seconds": elapsed, "rate": total / elapsed, "apns": apns, "fcm": fcm}
+
+
+# ------------------------------------------------------------------ Web Push over aiohttp
+
+WEBPUSH_CONNECTIONS = 100  # notifier.providers.webpush.CONNECTIONS_PER_HOST
+VAPID_LIFETIME = 12 * 3600  # the provider's JWT_LIFETIME
+
+
+def webpush_authorization(key_file: str, subject: str, origin: str) -> str:
+    """`vapid t=<JWT>, k=<key>` for one push service origin, signed by py_vapid as the provider does."""
+    from py_vapid import Vapid02
+    vapid = Vapid02.from_file(key_file)
+    return vapid.sign({"aud": origin, "exp": int(time.time()) + VAPID_LIFETIME, "sub": subject})["Authorization"]
+
+
+def webpush_message(authorization: str, message_id: int = 1, ttl: int = 86400) -> tuple[bytes, dict]:
+    """(plaintext, headers) of one message's pushes, as notifier.providers.webpush builds them; the
+    plaintext is the same for every subscription (it is encrypted per subscription)."""
+    payload = webpush_payload(sample_push(Platform.WEBPUSH, "", 0, message_id))
+    headers = {"TTL": str(ttl), "Urgency": "high", "Topic": webpush_topic(message_id),
+               "Content-Encoding": "aes128gcm", "Content-Type": "application/octet-stream",
+               "Authorization": authorization}
+    return payload, headers
+
+
+def webpush_encode(subscription: dict, payload: bytes) -> bytes:
+    """The provider's encryption, call for call."""
+    from pywebpush import WebPusher
+    return WebPusher(subscription).encode(payload)["body"]
+
+
+def webpush_encryption_cost(subscriptions, payload: bytes) -> dict:
+    """CPU per push of the encryption alone, in a loop without I/O: `WebPusher(sub).encode(payload)`
+    for each subscription, then the part of it the protocol cannot do without (a fresh P-256 key and
+    one ECDH with the browser's key). Returns the bodies too: the fake's own ceiling reuses them."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    webpush_encode(subscriptions[0], payload)  # imports pywebpush outside the clock
+    started = time.process_time()
+    bodies = [webpush_encode(sub, payload) for sub in subscriptions]
+    encode = time.process_time() - started
+    points = [ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), _b64url(s["keys"]["p256dh"]))
+              for s in subscriptions]
+    started = time.process_time()
+    for point in points:
+        ec.generate_private_key(ec.SECP256R1()).exchange(ec.ECDH(), point)
+    ecdh = time.process_time() - started
+    n = len(subscriptions)
+    return {"subscriptions": n, "encode_us": round(encode * 1e6 / n, 1), "ecdh_us": round(ecdh * 1e6 / n, 1),
+            "body_bytes": len(bodies[0]) if bodies else None, "plaintext_bytes": len(payload), "bodies": bodies}
+
+
+def _b64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+async def _run_webpush(subscriptions, payload: bytes, headers: dict, ca_file: str, connections: int,
+                       bodies=None, requests: int | None = None, fake_pid: int | None = None) -> dict:
+    """POST one push per subscription (or `requests` pushes, cycling through them), encrypting each
+    unless `bodies` (pre-encrypted, one per subscription) are given. With `fake_pid`, the fake's CPU
+    inside the clock too (fake_cpu_s: the warm-up's TLS handshakes are not in it)."""
+    import aiohttp  # here: only the Web Push client needs it
+    from pywebpush import WebPusher
+
+    connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca_file), limit=0,
+                                     limit_per_host=connections)
+    statuses: dict = {}
+    total = requests if requests is not None else len(subscriptions)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async def push(index: int) -> None:
+            sub = subscriptions[index % len(subscriptions)]
+            body = bodies[index % len(bodies)] if bodies is not None else WebPusher(sub).encode(payload)["body"]
+            async with session.post(sub["endpoint"], data=body, headers=headers, allow_redirects=False) as response:
+                await response.read()  # the whole answer, so the connection is reused
+                statuses[response.status] = statuses.get(response.status, 0) + 1
+
+        # warm: one push per connection, all at once, so every connection is open before the clock
+        await asyncio.gather(*(push(i) for i in range(min(connections, total))))
+        warm = dict(statuses)
+        statuses.clear()
+        work = iter(range(total))
+        first = []
+
+        async def worker() -> None:
+            for index in work:
+                await push(index)
+                if not first:
+                    first.append(time.perf_counter())
+
+        cpu = sum(os.times()[:2])
+        fake_cpu = cpu_seconds(fake_pid) if fake_pid else None
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+        cpu = sum(os.times()[:2]) - cpu
+        if fake_cpu is not None:
+            fake_cpu = round(cpu_seconds(fake_pid) - fake_cpu, 3)
+    return {"requests": total, "seconds": elapsed, "rate": total / elapsed,
+            "first_ms": (first[0] - started) * 1000 if first else None,
+            "statuses": {str(k): v for k, v in statuses.items()}, "warm_up_statuses": {str(k): v for k, v in warm.items()},
+            "connections": connections, "client_cpu_s": round(cpu, 3), "fake_cpu_s": fake_cpu,
+            "encrypted_in_the_clock": bodies is None}
+
+
+def webpush_ceiling(subscriptions, payload: bytes, headers: dict, ca_file: str,
+                    connections: int = WEBPUSH_CONNECTIONS, fake_pid: int | None = None) -> dict:
+    """The lean Web Push client: one encryption and one POST per subscription on `connections`
+    keep-alive connections (opened before the clock); requests/s, first answer, statuses, and the
+    client's CPU inside the clock (client_cpu_s; the fake's, fake_cpu_s, given its pid)."""
+    return asyncio.run(_run_webpush(subscriptions, payload, headers, ca_file, connections, fake_pid=fake_pid))
+
+
+def webpush_fake_ceiling(subscriptions, bodies, headers: dict, ca_file: str, requests: int,
+                         connections: int = WEBPUSH_CONNECTIONS, fake_pid: int | None = None) -> dict:
+    """The fake alone: `requests` POSTs of bodies encrypted before the clock (bodies[i] for
+    subscriptions[i], cycling), so the client spends nothing on encryption and what is measured is
+    how many pushes the fake can judge and decrypt."""
+    return asyncio.run(_run_webpush(subscriptions, b"", headers, ca_file, connections, bodies=bodies,
+                                    requests=requests, fake_pid=fake_pid))

@@ -3,20 +3,31 @@
 A fake in the benchmark's own process would take the GIL from the load generator (and the
 dispatcher's peer would share a core with it), so each runs in a child process:
 
-    python -m bench.fakes apns|fcm --dir DIR --tls-dir DIR
+    python -m bench.fakes apns|fcm|webpush --dir DIR --tls-dir DIR
 
 The child prints one JSON line when ready (endpoint and the credentials the service needs),
 then answers one JSON line per command read on stdin:
 
     {"cmd": "stats"}  -> counters, and per message id: [first answer, last answer, count] (time.time())
     {"cmd": "marks_reset"}
+    {"cmd": "subscribe", "count": N}  (webpush only) -> {"file": PATH, "count": N}: N new browser
+                      subscriptions, one PushSubscription.toJSON() per line of PATH (in --dir); their
+                      private keys and auth secrets stay in the fake's process, which decrypts with them
     {"cmd": "quit"}   (also on EOF)
 
-Marks are kept for 200 answers only (no payload is stored: the fakes run with record=False).
+No request or payload is stored (the fakes run with record=False): only the marks.
+
+Web Push: the fake is tests.fakes.webpush.WebPushFake, as strict as in the tests (VAPID JWT, TTL,
+aes128gcm decrypted with the subscription's keys: one ECDH per push on this side too). A push is
+marked under the message id of its `Topic` header (`msg-<id>`, notifier.payload.webpush_topic),
+read without parsing the payload. The child also makes the VAPID key the service signs with
+(`vapid.pem` in --dir): it is the service's credential, but like the APNs key it belongs to the
+bench's scratch directory and travels in the ready line's env.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -32,6 +43,7 @@ TOPIC = "com.example.chat"
 KEY_ID = "KEYID12345"
 TEAM_ID = "TEAMID1234"
 PROJECT = "chat-bench"
+VAPID_SUBJECT = "mailto:bench@example.com"
 FAKE_NICE = 10
 
 
@@ -110,6 +122,18 @@ class FakeProcess:
 
     def marks_reset(self) -> None:
         self.call("marks_reset")
+
+    def subscribe(self, count: int) -> list[dict]:
+        """Web Push: `count` new subscriptions of the fake's browsers (PushSubscription.toJSON() dicts:
+        endpoint, keys.p256dh, keys.auth). They come through a file, not the pipe: 10,000 of them are
+        2 MB, and the pipe carries one line per command."""
+        reply = self.call("subscribe", count=count)
+        if "error" in reply:
+            raise RuntimeError(f"{self.kind} fake: {reply['error']}")
+        with open(reply["file"]) as handle:
+            subscriptions = [json.loads(line) for line in handle]
+        os.unlink(reply["file"])
+        return subscriptions
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -194,9 +218,71 @@ def _start_fcm(args, marks: Marks):
                   "account_file": str(account_path), "project": PROJECT}
 
 
+def _topic_message_id(topic: str | None) -> int | None:
+    """The message id of a Web Push `Topic: msg-<id>` header (None for another topic)."""
+    if topic is not None and topic.startswith("msg-"):
+        try:
+            return int(topic[4:])
+        except ValueError:
+            return None
+    return None
+
+
+def _vapid_key(path: Path) -> Path:
+    """A VAPID key for the service: PEM PKCS#8 EC P-256, as the README's openssl line makes one."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return path
+
+
+def _start_webpush(args, marks: Marks):
+    from tests.fakes.webpush import WebPushFake
+
+    class MarkedWebPushFake(WebPushFake):
+        def _record(self, record):
+            super()._record(record)
+            if 200 <= record.status < 300:
+                # the Topic, not the decrypted payload: it is there for every push, even a payload the
+                # fake would not parse as JSON, and costs no lookup in it
+                marks.hit(_topic_message_id(record.headers.get("topic")))
+
+        def stats(self):
+            return {**super().stats(), "connections_opened": self.connections}  # named as the other fakes'
+
+    fake = MarkedWebPushFake(_tls(args.tls_dir), record=False)
+    fake.start()
+    key_path = _vapid_key(args.dir / "vapid.pem")
+    env = {"VAPID_PRIVATE_KEY_FILE": str(key_path), "VAPID_SUBJECT": VAPID_SUBJECT,
+           "WEBPUSH_ALLOWED_HOSTS": f"{fake.host}:{fake.port}"}
+    return fake, {"endpoint": fake.origin, "origin": fake.origin, "host": fake.host, "port": fake.port, "env": env,
+                  "key_file": str(key_path), "subject": VAPID_SUBJECT}
+
+
+_SUBSCRIPTION_FILES = itertools.count(1)
+
+
+def _subscribe(fake, args, command: dict) -> dict:
+    """Make subscriptions as browsers do (a P-256 key pair and an auth secret each, kept by the fake)
+    and write their public halves to a file the parent reads (FakeProcess.subscribe)."""
+    count = int(command.get("count", 0))
+    path = args.dir / f"subscriptions-{next(_SUBSCRIPTION_FILES)}.jsonl"
+    with open(path, "w") as handle:
+        for _ in range(count):
+            handle.write(json.dumps(fake.subscribe()) + "\n")
+    return {"file": str(path), "count": count}
+
+
+STARTERS = {"apns": _start_apns, "fcm": _start_fcm, "webpush": _start_webpush}
+COMMANDS = {"webpush": {"subscribe": _subscribe}}  # commands only some fakes answer
+
+
 def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fakes")
-    parser.add_argument("kind", choices=("apns", "fcm"))
+    parser.add_argument("kind", choices=tuple(STARTERS))
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--tls-dir", type=Path, required=True)
     parser.add_argument("--max-streams", type=int, default=1000)
@@ -206,7 +292,7 @@ def _main(argv=None) -> int:
     # so the autogroup's nice is lowered too, as the dispatcher does (notifier.process.lower_priority)
     lower_priority(FAKE_NICE)
     marks = Marks()
-    fake, info = (_start_apns if args.kind == "apns" else _start_fcm)(args, marks)
+    fake, info = STARTERS[args.kind](args, marks)
     info["pid"] = os.getpid()
     print(json.dumps(info), flush=True)
     try:
@@ -221,6 +307,8 @@ def _main(argv=None) -> int:
             elif cmd == "quit":
                 print(json.dumps({"ok": True}), flush=True)
                 break
+            elif cmd in COMMANDS.get(args.kind, {}):
+                reply = COMMANDS[args.kind][cmd](fake, args, command)
             else:
                 reply = {"error": f"unknown command {cmd!r}"}
             print(json.dumps(reply), flush=True)
