@@ -6,8 +6,11 @@ stores them); this object only answers "how long until the next attempt?" and
 """
 from __future__ import annotations
 
+import email.utils
 import math
 import random
+import time
+from datetime import timezone
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,3 +74,22 @@ class RetryPolicy:
     def exhausted(self, attempts: int) -> bool:
         """True when ``attempts`` attempts have been made and no more are allowed."""
         return attempts >= self.max_attempts
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date), None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+        return max(0.0, seconds)
+    return seconds if seconds >= 0 and seconds == seconds else None

@@ -24,7 +24,7 @@ from standardwebhooks import Webhook
 from notifier import db, events
 from notifier.config import Settings
 from notifier.dispatcher import DB_RETRY_INTERVAL
-from notifier.retry import RetryPolicy
+from notifier.retry import RetryPolicy, parse_retry_after
 
 if TYPE_CHECKING:  # imported for real when the sender starts (see WebhookSender.run)
     import aiohttp
@@ -69,13 +69,11 @@ def signed_headers(signer: Webhook, webhook_id: str, body: str, now: float) -> d
     }
 
 
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds (the delta form; an HTTP date is rare from a webhook receiver: ignored)."""
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and 0 <= seconds <= RETRY_CAP else None
+def _retry_after_within_cap(value: str | None) -> float | None:
+    """Retry-After in seconds, ignored beyond the back-off's cap (a receiver cannot park an event
+    for longer than the retries last)."""
+    seconds = parse_retry_after(value)
+    return seconds if seconds is not None and seconds <= RETRY_CAP else None
 
 
 class WebhookSender:
@@ -197,7 +195,7 @@ class WebhookSender:
             async with session.post(self.url, data=event.body.encode(), headers=headers,
                                     allow_redirects=False) as response:
                 await response.read()  # the whole answer, so the connection is reused
-                return Answer(response.status, None, _retry_after(response.headers.get("Retry-After")))
+                return Answer(response.status, None, _retry_after_within_cap(response.headers.get("Retry-After")))
         except asyncio.TimeoutError:
             return Answer(None, "timeout")
         except self._client_error as exc:

@@ -23,7 +23,8 @@ from notifier.payload import apns_id
 from notifier.providers import build_providers, shorten_token
 from notifier.providers.apns import APNsProvider
 from notifier.providers.dryrun import DryRunProvider
-from notifier.providers.fcm import FCMProvider, error_reason, parse_retry_after
+from notifier.providers.fcm import FCMProvider, error_reason
+from notifier.retry import parse_retry_after
 from tests.conftest import APNS_TOPIC, FCM_PROJECT, APNsKey
 from tests.fakes.apns import APNsFake
 from tests.fakes.fcm import FCMFake

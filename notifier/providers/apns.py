@@ -42,6 +42,7 @@ from notifier.config import ConfigError, Settings
 from notifier.model import Outcome, Platform, Push, Result
 from notifier.payload import apns_collapse_id, apns_id, apns_payload
 from notifier.providers.base import shorten_token, tls_context
+from notifier.retry import parse_retry_after
 from notifier.providers.h2client import (
     ClientError,
     ConnectFailed,
@@ -201,7 +202,7 @@ class APNsProvider:
             return None, REASON_CONNECTION, None
         retry_after = response.headers.get(b"retry-after")
         return (response.status, _reason(response.body),
-                _parse_retry_after(retry_after) if retry_after is not None else None)
+                parse_retry_after(retry_after.decode("latin-1")) if retry_after is not None else None)
 
     def _http(self) -> H2Client:
         client = self._client
@@ -299,11 +300,3 @@ def _reason(body: bytes) -> str | None:
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, str) and value else None
-
-
-def _parse_retry_after(value: bytes) -> float | None:
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None

@@ -28,12 +28,10 @@ at most once per token lifetime (an hour), not per push.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 import ssl
 import time
-from datetime import timezone
 from pathlib import Path
 
 from urllib.parse import urlsplit
@@ -51,6 +49,7 @@ from notifier.model import Outcome, Platform, Push, Result
 from notifier.payload import fcm_message
 from notifier.providers.base import shorten_token, tls_context
 from notifier.providers.h2client import ClientError, H2Client, RequestTimeout, http2_context
+from notifier.retry import parse_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -273,25 +272,6 @@ def error_reason(document) -> str | None:
     return reason
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds (delta-seconds or an HTTP date), None when absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = when.timestamp() - (time.time() if now is None else now)
-        return max(0.0, seconds)
-    return seconds if seconds >= 0 and seconds == seconds else None
-
-
 def _describe(exc: BaseException) -> str:
     """A short cause for logs: the innermost exception's class (refused, timed out) or the TLS
     reason (CERTIFICATE_VERIFY_FAILED); never a message that could quote a request or a key."""
@@ -342,4 +322,3 @@ def _load_service_account(path: str) -> dict:
 
 def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
     return tls_context(ca_file)
-

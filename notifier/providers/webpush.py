@@ -32,6 +32,7 @@ from notifier.endpoints import check_endpoint, parse_allowed_hosts
 from notifier.model import Outcome, Platform, Push, Result
 from notifier.payload import webpush_payload, webpush_topic
 from notifier.providers.base import shorten_token, tls_context
+from notifier.retry import parse_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -173,17 +174,9 @@ class WebPushProvider:
             async with session.post(endpoint, data=body, headers=headers, allow_redirects=False) as response:
                 await response.read()  # the whole answer, so the connection is reused
                 status, reason = response.status, response.reason
-                retry_after = _retry_after(response.headers.get("Retry-After"))
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except asyncio.TimeoutError:
             return Result(Outcome.TRANSIENT, None, REASON_TIMEOUT)
         except self._client_error:
             return Result(Outcome.TRANSIENT, None, REASON_CONNECTION)
         return Result(classify(Platform.WEBPUSH, status, reason), status, reason, retry_after)
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and seconds >= 0 else None
