@@ -15,7 +15,19 @@ import threading
 from collections import Counter, deque
 from typing import Any, Deque, Dict, Generic, Iterable, List, NamedTuple, Optional, Sequence, TypeVar
 
-__all__ = ["Scripted", "ScriptedRecorder"]
+__all__ = ["Scripted", "ScriptedRecorder", "stop_loop_thread"]
+
+
+def stop_loop_thread(loop, thread: Optional[threading.Thread], timeout: float) -> None:
+    """Stop a fake's event loop, which runs forever on `thread`, and join the thread (bounded).
+    The loop's own shutdown (its serve function's `finally`) closes the listener and connections."""
+    if loop is None or thread is None or not thread.is_alive():
+        return
+    try:
+        loop.call_soon_threadsafe(loop.stop)
+    except RuntimeError:
+        pass  # loop already closed
+    thread.join(timeout)
 
 
 class Scripted(NamedTuple):

@@ -82,7 +82,7 @@ from h2.settings import SettingCodes
 from hpack import Decoder, Encoder, HeaderTuple, NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
 
-from tests.fakes import Scripted, ScriptedRecorder
+from tests.fakes import Scripted, ScriptedRecorder, stop_loop_thread
 from tests.fakes.h2server import UNLIMITED, AdvertisedSettings, H2Writing, install_huffman_memo, serve_forever
 from tests.fakes.tls import TLSMaterial
 
@@ -688,15 +688,7 @@ class APNsFake(ScriptedRecorder[APNsRequest]):
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the listener and every connection, stop the loop, join the thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        if thread.is_alive():
-            try:
-                loop.call_soon_threadsafe(loop.stop)
-            except RuntimeError:
-                pass  # loop already closed
-            thread.join(timeout)
+        stop_loop_thread(self._loop, self._thread, timeout)
         self._loop = None
 
     def __enter__(self) -> "APNsFake":

@@ -82,7 +82,7 @@ from h2.events import (
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
 
-from tests.fakes import Scripted, ScriptedRecorder
+from tests.fakes import Scripted, ScriptedRecorder, stop_loop_thread
 from tests.fakes.h2server import UNLIMITED, AdvertisedSettings, H2Writing, install_huffman_memo, serve_forever
 from tests.fakes.tls import TLSMaterial
 
@@ -769,15 +769,7 @@ class FCMFake(ScriptedRecorder[FCMRequest]):
         self.port_h2 = port
 
     def _stop_h2(self, timeout: float) -> None:
-        loop, thread = self._h2_loop, self._h2_thread
-        if loop is None or thread is None:
-            return
-        if thread.is_alive():
-            try:
-                loop.call_soon_threadsafe(loop.stop)
-            except RuntimeError:
-                pass  # loop already closed
-            thread.join(timeout)
+        stop_loop_thread(self._h2_loop, self._h2_thread, timeout)
         self._h2_loop = None
 
     def _run_h2(

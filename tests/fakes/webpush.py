@@ -99,6 +99,7 @@ from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tests.fakes import stop_loop_thread
 from tests.fakes.tls import TLSMaterial
 
 __all__ = ["WebPushFake", "WebPushRequest", "WebPushScripted", "MAX_PAYLOAD", "MAX_VAPID_EXPIRY"]
@@ -319,15 +320,7 @@ class WebPushFake:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, close every connection, join the loop thread (bounded)."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        if thread.is_alive():
-            try:
-                loop.call_soon_threadsafe(loop.stop)
-            except RuntimeError:
-                pass  # loop already closed
-            thread.join(timeout)
+        stop_loop_thread(self._loop, self._thread, timeout)
         self._loop = None
 
     def __enter__(self) -> "WebPushFake":
