@@ -29,6 +29,8 @@ LANES = 2                # batches in flight at once: one lane's DB work overlap
 SEND_TIMEOUT = 30.0      # a provider call that takes longer counts as a transient failure
 FIRST_BATCH = 50         # each lane's first claim of a pass (then PUSH_BATCH): a quick first push
 DB_RETRY_INTERVAL = 0.5  # how often to try again while the database is unreachable
+# where an operator fixes credentials a provider refused
+SETTINGS_PREFIX = {Platform.APNS: "APNS", Platform.FCM: "FCM", Platform.WEBPUSH: "VAPID"}
 DEVICE_DISABLED = "device.disabled"  # the webhook event of a device whose provider said its token is dead
 
 
@@ -262,7 +264,7 @@ class Dispatcher:
             if self.paused_until.get(push.platform, 0) < until:
                 logger.error("notifier: %s rejected OUR credentials (%s %s): pausing it for %.0f s; "
                              "deliveries stay pending. Check the %s_* settings.", push.platform.value,
-                             result.status, result.reason, AUTH_PAUSE, push.platform.value.upper())
+                             result.status, result.reason, AUTH_PAUSE, SETTINGS_PREFIX[push.platform])
                 self.paused_until[push.platform] = until
             return self._postpone(push, until, result)
         # transient
