@@ -132,7 +132,7 @@ def chart_library() -> dict[str, bytes]:
     missing = [path for path in CHART_FILES.values() if path not in installed]
     if missing:
         raise RuntimeError(f"{CHART_DISTRIBUTION} {metadata.version(CHART_DISTRIBUTION)} lacks {missing}: "
-                           "install the version pinned in requirements.txt")
+                           "install the version pinned in requirements-assets.txt")
     return {name: installed[path].read_binary() for name, path in CHART_FILES.items()}
 
 
