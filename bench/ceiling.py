@@ -107,30 +107,41 @@ class _Conn(H2Connection):
         return self.counted
 
 
-class _APNsClient(asyncio.Protocol):
+class _LeanClient(asyncio.Protocol):
+    """One connection of a lean HTTP/2 client: sends the shared `work` queue's (headers, body)
+    requests on as many streams as `allowed()` says, counts the answers, sets `done` when the
+    queue is empty and nothing is in flight. Recording stays out of the way: a status count."""
+
     def __init__(self, work: deque, max_streams: int, done: asyncio.Future, stats: dict):
         self.work = work
         self.max_streams = max_streams
         self.done = done
         self.stats = stats
         self.conn = _Conn()
-        self.conn.encoder = _ReusingEncoder()
         self.transport = None
         self.in_flight = 0
-        self.limit = 1             # until the first answer: one stream (Apple's rule for token auth)
-        self.authenticated = False
+        self.settled = False  # the server's first SETTINGS (its stream limit) has arrived
         self.statuses: dict = {}
+
+    def allowed(self) -> int:
+        """Streams that may be open at once: ours and the server's limit."""
+        return min(self.max_streams, self.conn.remote_settings.max_concurrent_streams)
+
+    def ready(self) -> bool:
+        """Whether requests may go now (before the server's SETTINGS: only if the protocol allows)."""
+        return self.settled
+
+    def answered(self) -> None:
+        """A stream ended (subclasses learn from it)."""
 
     def connection_made(self, transport):
         self.transport = transport
         self.conn.initiate_connection()
-        self.fill()
+        self.fill() if self.ready() else self.flush()
 
     def fill(self):
         conn = self.conn
-        allowed = min(self.max_streams, self.limit if not self.authenticated else
-                      min(self.max_streams, conn.remote_settings.max_concurrent_streams))
-        while self.in_flight < allowed and self.work:
+        while self.in_flight < self.allowed() and self.work:
             if conn.outbound_flow_control_window < len(self.work[0][1]):
                 break  # the connection's send window is spent: the next WINDOW_UPDATE calls fill() again
             headers, body = self.work.popleft()
@@ -139,13 +150,14 @@ class _APNsClient(asyncio.Protocol):
             conn.send_headers(stream_id, headers)
             conn.send_data(stream_id, body, end_stream=True)
             self.in_flight += 1
-            if not self.authenticated:
-                break
-        data = conn.data_to_send()
-        if data:
-            self.transport.write(data)
+        self.flush()
         if not self.work and self.in_flight == 0 and not self.done.done():
             self.done.set_result(None)
+
+    def flush(self):
+        data = self.conn.data_to_send()
+        if data:
+            self.transport.write(data)
 
     def data_received(self, data):
         conn = self.conn
@@ -158,16 +170,41 @@ class _APNsClient(asyncio.Protocol):
             elif kind is DataReceived:
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif kind is StreamEnded or kind is StreamReset:
+                if kind is StreamReset:
+                    self.statuses[b"RST_STREAM"] = self.statuses.get(b"RST_STREAM", 0) + 1
                 self.in_flight -= 1
                 self.stats["answered"] += 1
                 if self.stats["first"] is None:
                     self.stats["first"] = time.perf_counter()
-                self.authenticated = True
-        self.fill()
+                self.answered()
+            elif kind is RemoteSettingsChanged:
+                self.settled = True
+            elif kind is ConnectionTerminated:
+                if not self.done.done():
+                    self.done.set_exception(ConnectionError(f"GOAWAY {event.error_code!r}"))
+        self.fill() if self.ready() else self.flush()
 
     def connection_lost(self, exc):
         if not self.done.done():
             self.done.set_exception(ConnectionError(f"lost: {exc}"))
+
+
+class _APNsClient(_LeanClient):
+    """Apple's rule for token auth: one stream until the first answer, then the server's limit."""
+
+    def __init__(self, work: deque, max_streams: int, done: asyncio.Future, stats: dict):
+        super().__init__(work, max_streams, done, stats)
+        self.conn.encoder = _ReusingEncoder()
+        self.authenticated = False
+
+    def allowed(self) -> int:
+        return super().allowed() if self.authenticated else 1
+
+    def ready(self) -> bool:
+        return True  # the first request goes with the preface, as the dispatcher's does
+
+    def answered(self) -> None:
+        self.authenticated = True
 
 
 def apns_requests(tokens, key_file: str, key_id: str, team_id: str, topic: str, host: str, message_id: int = 1):
@@ -277,74 +314,8 @@ def fcm_h2_requests(bodies, send_url: str, access_token: str):
             for body in bodies]
 
 
-class _FCMClient(asyncio.Protocol):
-    def __init__(self, work: deque, max_streams: int, done: asyncio.Future, stats: dict):
-        self.work = work
-        self.max_streams = max_streams
-        self.done = done
-        self.stats = stats
-        self.conn = _Conn()
-        self.transport = None
-        self.in_flight = 0
-        self.settled = False  # the server's first SETTINGS (its stream limit) has arrived
-        self.statuses: dict = {}
-
-    def connection_made(self, transport):
-        self.transport = transport
-        self.conn.initiate_connection()
-        transport.write(self.conn.data_to_send())
-
-    def fill(self):
-        conn = self.conn
-        allowed = min(self.max_streams, conn.remote_settings.max_concurrent_streams)
-        while self.in_flight < allowed and self.work:
-            if conn.outbound_flow_control_window < len(self.work[0][1]):
-                break  # the connection's send window is spent: the next WINDOW_UPDATE calls fill() again
-            headers, body = self.work.popleft()
-            stream_id = conn.get_next_available_stream_id()
-            conn.counted = self.in_flight
-            conn.send_headers(stream_id, headers)
-            conn.send_data(stream_id, body, end_stream=True)
-            self.in_flight += 1
-        self.flush()
-        if not self.work and self.in_flight == 0 and not self.done.done():
-            self.done.set_result(None)
-
-    def flush(self):
-        data = self.conn.data_to_send()
-        if data:
-            self.transport.write(data)
-
-    def data_received(self, data):
-        conn = self.conn
-        for event in conn.receive_data(data):
-            kind = type(event)
-            if kind is ResponseReceived:
-                for name, value in event.headers:
-                    if name == b":status":
-                        self.statuses[value] = self.statuses.get(value, 0) + 1
-            elif kind is DataReceived:
-                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif kind is StreamEnded or kind is StreamReset:
-                if kind is StreamReset:
-                    self.statuses[b"RST_STREAM"] = self.statuses.get(b"RST_STREAM", 0) + 1
-                self.in_flight -= 1
-                self.stats["answered"] += 1
-                if self.stats["first"] is None:
-                    self.stats["first"] = time.perf_counter()
-            elif kind is RemoteSettingsChanged:
-                self.settled = True
-            elif kind is ConnectionTerminated:
-                if not self.done.done():
-                    self.done.set_exception(ConnectionError(f"GOAWAY {event.error_code!r}"))
-        if self.settled:
-            self.fill()
-        else:
-            self.flush()
-
-    def connection_lost(self, exc):
-        if not self.done.done():
-            self.done.set_exception(ConnectionError(f"lost: {exc}"))
+class _FCMClient(_LeanClient):
+    """Google's front-ends: the server's stream limit, from its first SETTINGS on."""
 
 
 async def _run_fcm(requests, send_url: str, ca_file: str, connections: int, streams: int) -> dict:
