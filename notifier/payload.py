@@ -12,6 +12,7 @@ is found by bisection over the encoded size (about a dozen encodings for a
 """
 from __future__ import annotations
 
+import functools
 import json
 import unicodedata
 import uuid
@@ -35,8 +36,21 @@ APNS_ID_NAMESPACE = uuid.UUID("6f0d3c1e-5b8a-4f2e-9c47-2d1e8a7b9c30")
 
 
 def apns_id(message_id: int, device_id: int) -> str:
-    """The apns-id of one delivery: a UUID derived from (message, device), lowercase canonical form."""
-    return str(uuid.uuid5(APNS_ID_NAMESPACE, f"{int(message_id)}:{int(device_id)}"))
+    """The apns-id of one delivery: a UUID derived from (message, device), lowercase canonical form.
+
+    The message's name-based UUID (version 5) with the device id as its last 48 bits: one hash
+    per message rather than one per device (the SHA-1 and the UUID object were 2 % of the
+    dispatcher's CPU in an APNs fan-out). Past 2**48 devices, a hash of both.
+    """
+    device_id = int(device_id)
+    if 0 <= device_id < 1 << 48:
+        return f"{_message_uuid_prefix(int(message_id))}{device_id:012x}"
+    return str(uuid.uuid5(APNS_ID_NAMESPACE, f"{int(message_id)}:{device_id}"))
+
+
+@functools.lru_cache(maxsize=256)
+def _message_uuid_prefix(message_id: int) -> str:
+    return str(uuid.uuid5(APNS_ID_NAMESPACE, f"message:{message_id}"))[:24]
 
 
 def apns_collapse_id(message_id: int) -> str:

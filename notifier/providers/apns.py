@@ -23,7 +23,6 @@ each answer (notifier.classify).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import ssl
@@ -157,8 +156,8 @@ class APNsProvider:
         if self._token is not None:
             headers.append((b"authorization", self._token.header()))
         path = b"/3/device/" + quote(push.token, safe="").encode("ascii")
-        payload = _message_payload(dataclasses.replace(push, delivery_id=0, device_id=0, token="", attempts=0),
-                                   self._content)
+        payload = _message_payload(push.message_id, push.chat_id, push.chat_name, push.sender_id, push.sender_name,
+                                   push.text, self._content)
         status, reason, retry_after = await self._post(path, headers, payload)
         outcome = classify(Platform.APNS, status, reason)
         if outcome is Outcome.AUTH:
@@ -283,9 +282,14 @@ def _check_certificate(path: str) -> None:
 
 
 @lru_cache(maxsize=64)
-def _message_payload(push: Push, content: str) -> bytes:
-    """The payload depends on the message only: built once per message, not once per device."""
-    return apns_payload(push, content=content)
+def _message_payload(message_id: int, chat_id: int, chat_name: str, sender_id: int, sender_name: str, text: str,
+                     content: str) -> bytes:
+    """The payload depends on the message only: built once per message, not once per device (keyed
+    by the message's fields, not by a Push: a Push per device rebuilt only to be hashed cost more
+    than the rest of the request's headers)."""
+    message = Push(delivery_id=0, message_id=message_id, chat_id=chat_id, chat_name=chat_name, sender_id=sender_id,
+                   sender_name=sender_name, text=text, device_id=0, platform=Platform.APNS, token="", app=None)
+    return apns_payload(message, content=content)
 
 
 def _valid_header_value(value: str) -> bool:
