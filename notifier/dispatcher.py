@@ -2,8 +2,9 @@
 
 The one place that wires the outbox, the providers and the retry policy together.
 `notifier.runner.Runner` drives it (inside PushProcess on demand, or `python -m notifier`).
-Database calls are blocking SQLAlchemy calls made on a worker thread, so the event loop keeps
-every provider stream moving while a batch is being claimed or recorded.
+Database calls are blocking SQLAlchemy calls: on a worker thread for PostgreSQL, so the event
+loop keeps every provider stream moving while a batch is claimed or recorded; inline for SQLite
+(see `Dispatcher.db`). Pushes go out through a SendPool: at most PUSH_CONCURRENCY in flight.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from notifier.config import Settings
 from notifier.metrics import DispatcherMetrics
 from notifier.model import DeliveryState, Outcome, Platform, Result
 from notifier.retry import RetryPolicy
+from notifier.sendpool import SendPool
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ class Dispatcher:
         self.policy = RetryPolicy.from_settings(settings)
         self.paused_until: dict[Platform, float] = {}
         self.stopping = False
-        self._limit = asyncio.Semaphore(settings.push_concurrency)
+        self._pool = SendPool(settings.push_concurrency, self._send_one)
         self._db_inline = engine.dialect.name == "sqlite"
         # deliveries leased to us: in flight (the heartbeat renews these), or lost before they were
         # sent or recorded (the database failed in between: released at the next pass)
@@ -106,7 +108,10 @@ class Dispatcher:
         if len(first) == size:  # more is due: more lanes, so one's database work overlaps another's sends
             lanes += [self._lane(tally, None, size) for _ in range(LANES - 1)]
         # let every lane end (a batch in flight is recorded) before reporting a failure of any
-        outcomes = await asyncio.gather(*lanes, return_exceptions=True)
+        try:
+            outcomes = await asyncio.gather(*lanes, return_exceptions=True)
+        finally:
+            self._pool.cancel()  # nothing is left to send unless the drain itself was cancelled
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -216,8 +221,8 @@ class Dispatcher:
             elif self.paused_until.get(push.platform, 0) > now:
                 updates.append(self._postpone(push, self.paused_until[push.platform]))
             else:
-                sends.append(self._send_one(push))
-        results = await asyncio.gather(*sends)
+                sends.append(push)
+        results = await self._pool.run(sends)
         dead: list[tuple[int, str | None]] = []
         now = self.clock()
         for push, result in results:
@@ -230,17 +235,16 @@ class Dispatcher:
 
     async def _send_one(self, push):
         provider = self.providers[push.platform]
-        async with self._limit:
-            started = time.perf_counter()
-            try:
-                async with asyncio.timeout(SEND_TIMEOUT):  # a timer, where wait_for made one more task per push
-                    result = await provider.send(push)
-            except asyncio.TimeoutError:
-                result = Result(Outcome.TRANSIENT, None, "timeout")
-            except Exception as exc:  # noqa: BLE001 - a provider bug must not lose the batch
-                logger.exception("notifier: %s provider raised for device %s", push.platform.value, push.device_id)
-                result = Result(Outcome.TRANSIENT, None, type(exc).__name__)
-            elapsed = time.perf_counter() - started
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT):  # a timer, where wait_for made one more task per push
+                result = await provider.send(push)
+        except asyncio.TimeoutError:
+            result = Result(Outcome.TRANSIENT, None, "timeout")
+        except Exception as exc:  # noqa: BLE001 - a provider bug must not lose the batch
+            logger.exception("notifier: %s provider raised for device %s", push.platform.value, push.device_id)
+            result = Result(Outcome.TRANSIENT, None, type(exc).__name__)
+        elapsed = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.observe(push.platform.value, result.outcome.value,
                                  elapsed if result.status is not None else None)
