@@ -207,37 +207,55 @@ def claim_delivery_ids(conn: Connection, owner: str, now: float, lease: float, l
 
 def load_claimed(conn: Connection, ids: Sequence[int]) -> list[Claimed]:
     """What sending these (leased) deliveries needs. A read: the dispatcher runs it after the claim
-    commits, so SQLite's write lock is not held while a thousand rows become Push objects."""
+    commits, so SQLite's write lock is not held while a thousand rows become Push objects.
+
+    Two queries: the deliveries with their devices, then their messages (usually one) with the
+    chat's and the sender's names, rather than one join repeating a message's text on each of a
+    thousand rows."""
     if not ids:
         return []
-    return [
-        Claimed(
-            Push(delivery_id=r.id, message_id=r.message_id, chat_id=r.chat_id, chat_name=r.chat_name,
-                 sender_id=r.sender_id, sender_name=r.sender_name, text=r.text, device_id=r.device_id,
-                 platform=Platform(r.platform), token=r.token, app=r.app, attempts=r.attempts,
-                 p256dh=r.p256dh, auth=r.auth),
-            bool(r.enabled),
-        )
-        for r in conn.execute(_load_claimed_statement(), {"ids": list(ids)})
-    ]
+    rows = conn.execute(_load_claimed_statement(), {"ids": list(ids)}).all()
+    message_ids = {r.message_id for r in rows}
+    messages_by_id = {r.id: r for r in conn.execute(_load_messages_statement(), {"ids": list(message_ids)})}
+    claimed = []
+    for r in rows:
+        m = messages_by_id.get(r.message_id)
+        if m is None:  # as the inner join it replaces: no message, nothing to send
+            continue
+        push = Push(delivery_id=r.id, message_id=r.message_id, chat_id=m.chat_id, chat_name=m.chat_name,
+                    sender_id=m.sender_id, sender_name=m.sender_name, text=m.text, device_id=r.device_id,
+                    platform=_PLATFORMS[r.platform], token=r.token, app=r.app, attempts=r.attempts,
+                    p256dh=r.p256dh, auth=r.auth)
+        claimed.append(Claimed(push, bool(r.enabled)))
+    return claimed
+
+
+_PLATFORMS = {platform.value: platform for platform in Platform}
 
 
 @functools.cache
 def _load_claimed_statement():
-    sender = users.alias("sender")
     return (
         sa.select(deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts, deliveries.c.device_id,
                   devices.c.platform, devices.c.token, devices.c.app, devices.c.enabled, devices.c.p256dh,
-                  devices.c.auth,
-                  messages.c.chat_id, messages.c.sender_id, messages.c.text, chats.c.name.label("chat_name"),
-                  sender.c.name.label("sender_name"))
+                  devices.c.auth)
         .select_from(deliveries)
         .join(devices, devices.c.id == deliveries.c.device_id)
-        .join(messages, messages.c.id == deliveries.c.message_id)
-        .join(chats, chats.c.id == messages.c.chat_id)
-        .join(sender, sender.c.id == messages.c.sender_id)
         .where(deliveries.c.id.in_(sa.bindparam("ids", expanding=True)))
         .order_by(deliveries.c.id)
+    )
+
+
+@functools.cache
+def _load_messages_statement():
+    sender = users.alias("sender")
+    return (
+        sa.select(messages.c.id, messages.c.chat_id, messages.c.sender_id, messages.c.text,
+                  chats.c.name.label("chat_name"), sender.c.name.label("sender_name"))
+        .select_from(messages)
+        .join(chats, chats.c.id == messages.c.chat_id)
+        .join(sender, sender.c.id == messages.c.sender_id)
+        .where(messages.c.id.in_(sa.bindparam("ids", expanding=True)))
     )
 
 
