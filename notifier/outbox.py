@@ -215,18 +215,18 @@ def load_claimed(conn: Connection, ids: Sequence[int]) -> list[Claimed]:
     if not ids:
         return []
     rows = conn.execute(_load_claimed_statement(), {"ids": list(ids)}).all()
-    message_ids = {r.message_id for r in rows}
+    message_ids = {row[1] for row in rows}  # the statement's second column
     messages_by_id = {r.id: r for r in conn.execute(_load_messages_statement(), {"ids": list(message_ids)})}
     claimed = []
-    for r in rows:
-        m = messages_by_id.get(r.message_id)
+    # rows unpacked as tuples: a Row's attribute access by name cost more than building the Push
+    for delivery_id, message_id, attempts, device_id, platform, token, app, enabled, p256dh, auth in rows:
+        m = messages_by_id.get(message_id)
         if m is None:  # as the inner join it replaces: no message, nothing to send
             continue
-        push = Push(delivery_id=r.id, message_id=r.message_id, chat_id=m.chat_id, chat_name=m.chat_name,
-                    sender_id=m.sender_id, sender_name=m.sender_name, text=m.text, device_id=r.device_id,
-                    platform=_PLATFORMS[r.platform], token=r.token, app=r.app, attempts=r.attempts,
-                    p256dh=r.p256dh, auth=r.auth)
-        claimed.append(Claimed(push, bool(r.enabled)))
+        push = Push(delivery_id=delivery_id, message_id=message_id, chat_id=m.chat_id, chat_name=m.chat_name,
+                    sender_id=m.sender_id, sender_name=m.sender_name, text=m.text, device_id=device_id,
+                    platform=_PLATFORMS[platform], token=token, app=app, attempts=attempts, p256dh=p256dh, auth=auth)
+        claimed.append(Claimed(push, bool(enabled)))
     return claimed
 
 
