@@ -136,25 +136,20 @@ class APNsProvider:
                                     connect_timeout=connect_timeout, ping_timeout=max(0.5, min(2.0, request_timeout)))
         self._client: H2Client | None = None
         self._closed = False
+        self._shared_headers: dict = {}
 
     # --- the provider interface -----------------------------------------------
 
     async def send(self, push: Push) -> Result:
         if self._closed:
             return Result(Outcome.TRANSIENT, None, "provider_closed")
-        topic = push.app or self._topic
-        if not _valid_header_value(topic):
+        shared = self._message_headers(push.app or self._topic, push.message_id)
+        if shared is None:
             # our data (push.app), not Apple's answer: a header value with spaces, control or
             # non-ASCII characters cannot be sent; never deliverable as is
             return Result(Outcome.REJECTED, None, "BadTopic")
-        headers = [
-            (b"apns-topic", topic.encode("ascii")), *_CONSTANT,
-            NeverIndexedHeaderTuple(b"apns-id", apns_id(push.message_id, push.device_id).encode("ascii")),
-            NeverIndexedHeaderTuple(b"apns-expiration", str(int(time.time()) + self._ttl).encode("ascii")),
-            NeverIndexedHeaderTuple(b"apns-collapse-id", apns_collapse_id(push.message_id).encode("ascii")),
-        ]
-        if self._token is not None:
-            headers.append((b"authorization", self._token.header()))
+        headers = [*shared, NeverIndexedHeaderTuple(b"apns-id",
+                                                    apns_id(push.message_id, push.device_id).encode("ascii"))]
         path = b"/3/device/" + quote(push.token, safe="").encode("ascii")
         payload = _message_payload(push.message_id, push.chat_id, push.chat_name, push.sender_id, push.sender_name,
                                    push.text, self._content)
@@ -167,6 +162,31 @@ class APNsProvider:
             logger.debug("APNs: delivery %s to %s: %s %s -> %s", push.delivery_id,
                          shorten_token(push.token), status, reason, outcome.value)
         return Result(outcome, status, reason, retry_after)
+
+    def _message_headers(self, topic: str, message_id: int) -> list | None:
+        """The headers every push of a message shares (topic, push type, priority, expiration,
+        collapse id, provider token), None for a topic that cannot be a header value. Built once
+        per message and second, not once per device: the expiration counts whole seconds, the
+        provider token changes every 30 minutes."""
+        now = int(time.time())
+        bearer = self._token.header() if self._token is not None else None
+        key = (topic, message_id)
+        cached = self._shared_headers.get(key)
+        if cached is not None and cached[0] == now and cached[1] is bearer:
+            return cached[2]
+        if not _valid_header_value(topic):
+            return None
+        headers = [
+            (b"apns-topic", topic.encode("ascii")), *_CONSTANT,
+            NeverIndexedHeaderTuple(b"apns-expiration", str(now + self._ttl).encode("ascii")),
+            NeverIndexedHeaderTuple(b"apns-collapse-id", apns_collapse_id(message_id).encode("ascii")),
+        ]
+        if bearer is not None:
+            headers.append((b"authorization", bearer))
+        if len(self._shared_headers) >= 64:  # a batch holds a few messages; older ones are done
+            self._shared_headers.clear()
+        self._shared_headers[key] = (now, bearer, headers)
+        return headers
 
     async def close(self) -> None:
         self._closed = True
