@@ -67,7 +67,7 @@ class Dispatcher:
         self.policy = RetryPolicy.from_settings(settings)
         self.paused_until: dict[Platform, float] = {}
         self.stopping = False
-        self._pool = SendPool(settings.push_concurrency, self._send_one)
+        self._pool = SendPool(settings.push_concurrency, self._send_one, SEND_TIMEOUT, self._send_timed_out)
         self._db_inline = engine.dialect.name == "sqlite"
         # deliveries leased to us: in flight (the heartbeat renews these), or lost before they were
         # sent or recorded (the database failed in between: released at the next pass)
@@ -237,10 +237,7 @@ class Dispatcher:
         provider = self.providers[push.platform]
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(SEND_TIMEOUT):  # a timer, where wait_for made one more task per push
-                result = await provider.send(push)
-        except asyncio.TimeoutError:
-            result = Result(Outcome.TRANSIENT, None, "timeout")
+            result = await provider.send(push)  # past SEND_TIMEOUT, the pool cancels it: _send_timed_out
         except Exception as exc:  # noqa: BLE001 - a provider bug must not lose the batch
             logger.exception("notifier: %s provider raised for device %s", push.platform.value, push.device_id)
             result = Result(Outcome.TRANSIENT, None, type(exc).__name__)
@@ -249,6 +246,12 @@ class Dispatcher:
             self.metrics.observe(push.platform.value, result.outcome.value,
                                  elapsed if result.status is not None else None)
         return push, result
+
+    def _send_timed_out(self, push):
+        """The pool's result for a send cancelled after SEND_TIMEOUT (a provider that forgot its own)."""
+        if self.metrics is not None:
+            self.metrics.observe(push.platform.value, Outcome.TRANSIENT.value, None)
+        return push, Result(Outcome.TRANSIENT, None, "timeout")
 
     def _decide(self, push, result: Result, now: float) -> outbox.Update:
         """Turn a classified provider answer into the delivery's next state."""

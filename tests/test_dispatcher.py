@@ -210,3 +210,23 @@ def test_a_claim_lost_before_sending_is_given_back_at_the_next_pass_not_renewed(
     assert {r["state"] for r in deliveries(world, message).values()} == {"sent"}
     assert {owner for _, owner, _ in _leases(world)} == {None}
     assert len(providers[Platform.APNS].sent) == len(providers[Platform.FCM].sent) == 1
+
+
+def test_a_provider_send_that_never_returns_is_cut_off_and_retried_later(world, monkeypatch):
+    """A provider that forgot its own timeout must not hold the batch (nor its leases) forever."""
+    import notifier.dispatcher as dispatcher_module
+
+    class Hanging(ScriptedProvider):
+        async def send(self, push):
+            self.sent.append(push)
+            await asyncio.sleep(3600)
+
+    monkeypatch.setattr(dispatcher_module, "SEND_TIMEOUT", 0.2)
+    message = post(world)
+    dispatcher, _ = make_dispatcher(world, Clock(), apns=Hanging(Platform.APNS))
+    tally = asyncio.run(asyncio.wait_for(dispatcher.drain(), 10))
+    assert tally.by_outcome == {"transient": 1, "sent": 1}
+    rows = deliveries(world, message)
+    assert rows[world["bob_apns"]]["state"] == "pending"
+    assert rows[world["bob_apns"]]["last_reason"] == "timeout" and rows[world["bob_apns"]]["attempts"] == 1
+    assert rows[world["bob_fcm"]]["state"] == "sent"
