@@ -155,9 +155,9 @@ def test_the_encoders_reused_bytes_decode_to_the_same_headers_as_the_table_chang
 
     from hpack import Decoder, NeverIndexedHeaderTuple
 
-    from notifier.providers.h2client import _PlainEncoder
+    from notifier.providers.h2client import PlainEncoder
 
-    encoder, decoder = _PlainEncoder(), Decoder()
+    encoder, decoder = PlainEncoder(), Decoder()
     rng = random.Random(7)
     tokens = [b"Bearer " + bytes([65 + i]) * 300 for i in range(4)]  # big: evictions happen
     token = tokens[0]
@@ -168,5 +168,12 @@ def test_the_encoders_reused_bytes_decode_to_the_same_headers_as_the_table_chang
             encoder.header_table_size = 2048  # a resize announced mid-connection
         headers = [(b"content-type", b"application/json"), (b"authorization", token),
                    (b"apns-topic", rng.choice([b"com.example.a", b"com.example.b"])),
-                   NeverIndexedHeaderTuple(b":path", f"/3/device/{request:064x}".encode())]
-        assert decoder.decode(encoder.encode(headers), raw=True) == [tuple(h) for h in headers]
+                   NeverIndexedHeaderTuple(b":path", f"/3/device/{request:064x}".encode()),
+                   # never-indexed values around the one-byte length limit (126/127)
+                   NeverIndexedHeaderTuple(b"apns-id", b"v" * rng.choice([0, 1, 126, 127, 128, 300]))]
+        if rng.random() < 0.2:  # a never-indexed field whose name is in the dynamic table: its index moves
+            headers.append(NeverIndexedHeaderTuple(b"authorization", rng.choice(tokens)))
+        encoded = encoder.encode(headers)
+        assert decoder.decode(encoded, raw=True) == [tuple(h) for h in headers]
+        # the never-indexed fields never enter the decoder's table (RFC 7541 6.2.3)
+        assert not any(name == b"apns-id" for name, _ in decoder.header_table.dynamic_entries)

@@ -56,7 +56,7 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import H2Error
-from hpack import Encoder, NeverIndexedHeaderTuple
+from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 
 logger = logging.getLogger(__name__)
 
@@ -121,35 +121,59 @@ class Response:
     body: bytes
 
 
-class _PlainEncoder(Encoder):
-    """HPACK without Huffman coding, reusing a header field's bytes while the table is unchanged.
+class PlainEncoder(Encoder):
+    """HPACK without Huffman coding, reusing what it encoded while the table is unchanged.
 
     h2 asks for Huffman on every header, which costs more CPU than the few bytes it saves here.
     The constant fields (the bearer token, the topic, the content type) are indexed by a
     connection's first request; from then on the dynamic table no longer changes (the per-request
     fields are never indexed), so each constant field encodes to the same bytes every time, and
-    hpack's per-field work (table search, integer coding, debug-log calls) was a fifth of a
-    request's CPU. The cache is dropped whenever the table changes: a field added (a new bearer
+    a never-indexed field to the same name part followed by its value. hpack's per-field work
+    (table search, integer coding, debug-log calls) was most of the 8.6 us a request's header
+    block took. Both caches are dropped whenever the table changes: a field added (a new bearer
     token every 30 minutes moves the indices) or the table resized.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._fields: dict = {}
+        self._fields: dict = {}  # indexable (name, value) -> its bytes
+        self._names: dict = {}   # name -> the never-indexed literal's bytes before the value's length
 
     def encode(self, headers, huffman=True):
-        if self.header_table.resized:  # a table size update evicts entries: indices move
+        if self.header_table.resized or isinstance(headers, dict):
+            # a table size update evicts entries: indices move; hpack emits the update
             self._fields.clear()
-        return super().encode(headers, huffman=False)
+            self._names.clear()
+            return super().encode(headers, huffman=False)
+        # h2 hands over (name, value) pairs of bytes, NeverIndexedHeaderTuple for the sensitive ones
+        block = []
+        for header in headers:
+            if isinstance(header, HeaderTuple) and not header.indexable:
+                block.append(self._never_indexed(header[0], header[1]))
+            else:
+                block.append(self.add(header, False))
+        return b"".join(block)
+
+    def _never_indexed(self, name: bytes, value: bytes) -> bytes:
+        prefix = self._names.get(name)
+        if prefix is None:
+            empty = super().add((name, b""), True, False)
+            if empty[0] & 0xF0 != 0x10 or empty[-1] != 0:  # not a never-indexed literal: no shortcut
+                return super().add((name, value), True, False)
+            prefix = self._names[name] = empty[:-1]
+        if len(value) >= 127:  # the length takes more than the prefix byte
+            return super().add((name, value), True, False)
+        return prefix + bytes((len(value),)) + value
 
     def add(self, to_add, sensitive, huffman=False):
-        if sensitive:  # never indexed: a literal each time, nothing to reuse
+        if sensitive:  # never indexed: a literal each time
             return super().add(to_add, sensitive, huffman)
         encoded = self._fields.get(to_add)
         if encoded is None:
             encoded = super().add(to_add, sensitive, huffman)
             if encoded[0] & 0xC0 == 0x40:  # a literal with incremental indexing: the table changed
                 self._fields.clear()
+                self._names.clear()
             else:
                 self._fields[to_add] = encoded
         return encoded
@@ -202,7 +226,7 @@ class _Connection(asyncio.Protocol):
         config = H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
                                  normalize_outbound_headers=False, validate_inbound_headers=False)
         self.h2 = _CountedH2Connection(config)
-        self.h2.encoder = _PlainEncoder()
+        self.h2.encoder = PlainEncoder()
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self._unsent: set[int] = set()  # streams whose body waits for the peer's flow-control window
