@@ -5,7 +5,8 @@ APNs: raw `h2` on asyncio, N connections x M streams. Each connection sends one 
 then keeps up to M streams in flight, opening as many as it may at once and writing all of their
 frames in one write (several streams per flush). Headers are HPACK literals without Huffman coding;
 the constant ones (topic, JWT, ...) are indexed once per connection (their encoded bytes then reused),
-the per-request ones are not.
+the per-request ones are not (the dispatcher's own encoder, notifier.providers.h2client.PlainEncoder:
+the leanest HPACK encoding this project has, for both).
 
 FCM: the same kind of raw `h2` client, N connections x M streams, to the fake's HTTP/2 listener
 (FCM_ENDPOINT_H2 / send_url in bench.fakes' info), with one OAuth access token fetched first from the
@@ -41,10 +42,11 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged, ResponseReceived, StreamEnded, \
     StreamReset
-from hpack import Encoder, NeverIndexedHeaderTuple
+from hpack import NeverIndexedHeaderTuple
 
 from bench.common import cpu_seconds
 from notifier.model import Platform, Push
+from notifier.providers.h2client import PlainEncoder
 from notifier.payload import apns_collapse_id, apns_id, apns_payload, fcm_message, webpush_payload, webpush_topic
 
 
@@ -56,50 +58,13 @@ def sample_push(platform: Platform, token: str, index: int, message_id: int = 1)
 
 # ------------------------------------------------------------------ APNs over raw h2
 
-class _PlainEncoder(Encoder):
-    def encode(self, headers, huffman=True):
-        return super().encode(headers, huffman=False)
-
-
-class _ReusingEncoder(_PlainEncoder):
-    """_PlainEncoder that reuses an indexable field's bytes while the dynamic table is unchanged.
-
-    The constant fields (topic, JWT, ...) are indexed by a connection's first request; from then on
-    the table no longer changes (the per-request fields are never indexed), so each encodes to the
-    same bytes every time. hpack's per-field work (table search, integer encoding, debug logging)
-    was about a fifth of the lean client's CPU per request. Never-indexed fields are not kept:
-    each value is sent once.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._fields = {}
-
-    def encode(self, headers, huffman=True):
-        if self.header_table.resized:  # a table size update evicts entries: indices move
-            self._fields.clear()
-        return super().encode(headers, huffman)
-
-    def add(self, to_add, sensitive, huffman=False):
-        if sensitive:
-            return super().add(to_add, sensitive, huffman)
-        encoded = self._fields.get(to_add)
-        if encoded is None:
-            encoded = super().add(to_add, sensitive, huffman)
-            if encoded[0] & 0xC0 == 0x40:  # indexed as it went: the entries' indices moved
-                self._fields.clear()
-            else:
-                self._fields[to_add] = encoded
-        return encoded
-
-
 class _Conn(H2Connection):
     """h2 told the open-stream count (h2 rescans every stream on each new one otherwise)."""
 
     def __init__(self):
         super().__init__(H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
                                          normalize_outbound_headers=False, validate_inbound_headers=False))
-        self.encoder = _PlainEncoder()
+        self.encoder = PlainEncoder()
         self.counted = 0
 
     @property
@@ -194,7 +159,6 @@ class _APNsClient(_LeanClient):
 
     def __init__(self, work: deque, max_streams: int, done: asyncio.Future, stats: dict):
         super().__init__(work, max_streams, done, stats)
-        self.conn.encoder = _ReusingEncoder()
         self.authenticated = False
 
     def allowed(self) -> int:
