@@ -231,6 +231,7 @@ class _Connection(asyncio.Protocol):
         self.streams: dict[int, _Stream] = {}
         self._unsent: set[int] = set()  # streams whose body waits for the peer's flow-control window
         self._timer: asyncio.TimerHandle | None = None  # fires at the earliest deadline in flight (or later)
+        self._timer_at = float("inf")
         self.usable = False   # connected, not going away, not closed
         self.closed = False
         self.answered = False  # anything answered yet (a new APNs connection allows one stream until then)
@@ -333,8 +334,14 @@ class _Connection(asyncio.Protocol):
         self.h2.send_headers(stream_id, headers, end_stream=not body)
         stream = self.streams[stream_id] = _Stream(future, body, self.loop.time(), deadline)
         if body:
-            self._send_body(stream_id, stream)
-        if self._timer is None or deadline < self._timer.when():
+            h2 = self.h2
+            if len(body) <= min(h2.outbound_flow_control_window, h2.remote_settings.initial_window_size,
+                                h2.max_outbound_frame_size):
+                h2.send_data(stream_id, body, end_stream=True)  # fits a new stream's window and one frame
+                stream.unsent = b""
+            else:
+                self._send_body(stream_id, stream)
+        if deadline < self._timer_at:
             self._arm(deadline)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -359,7 +366,7 @@ class _Connection(asyncio.Protocol):
     def _arm(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self.loop.call_at(when, self._expire)
+        self._timer, self._timer_at = self.loop.call_at(when, self._expire), when
 
     def _expire(self) -> None:
         """Fail the streams past their deadline; wake again at the earliest one left.
@@ -369,7 +376,7 @@ class _Connection(asyncio.Protocol):
         request's deadline; by then that request is normally long answered, so this scans the
         streams in flight about once per timeout, not once per request.
         """
-        self._timer = None
+        self._timer, self._timer_at = None, float("inf")
         now = self.loop.time()
         expired = [(stream_id, stream) for stream_id, stream in self.streams.items() if stream.deadline <= now]
         for stream_id, stream in expired:
