@@ -15,6 +15,7 @@ this host takes its leases over.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -113,6 +114,21 @@ def close_inherited_sockets() -> None:
             pass  # the fd of the listdir itself, already closed
 
 
+# the dispatcher allocates some 50-100 objects per push, nearly all freed by reference counting;
+# at the default threshold (700) the cyclic collector ran every ten pushes or so and took about
+# 8 us of CPU per push in an APNs fan-out (a tenth of the dispatcher's CPU), finding little
+GC_GEN0_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector off the send path: what exists once the dispatcher has
+    started (modules, compiled statements, the settings) is frozen out of every collection, and
+    young objects are collected every GC_GEN0_THRESHOLD allocations instead of 700."""
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def run_dispatcher(settings: Settings, idle_exit: float | None) -> int:
     """Serve until idle (on demand) or until stopped: SIGTERM/SIGINT once for a warm stop (finish
     the batches in hand), twice to stop at once. Returns an exit code."""
@@ -123,6 +139,7 @@ def run_dispatcher(settings: Settings, idle_exit: float | None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runner.request_stop)
+        tune_gc()
         try:
             return await runner.run()
         finally:
