@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not a measurement")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, databases)")
     parser.add_argument("--devices", type=int, metavar="N",
-                        help="memory: devices of its big fan-out (default 100,000; issue 10's scale target: 1000000)")
+                        help="memory: devices of its big fan-out (default 1,000,000: issue 10's scale target)")
     args = parser.parse_args(argv)
 
     from bench.env import BenchEnv
