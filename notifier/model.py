@@ -4,9 +4,9 @@ A leaf module: it imports nothing from the project.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
+from typing import NamedTuple
 
 
 class Platform(str, Enum):
@@ -40,9 +40,13 @@ class Outcome(str, Enum):
     SKIPPED = "skipped"          # not sent on purpose (dry run)
 
 
-@dataclass(frozen=True)
-class Push:
-    """One notification to one device: everything a provider needs, nothing it must look up."""
+class Push(NamedTuple):
+    """One notification to one device: everything a provider needs, nothing it must look up.
+
+    A named tuple, as Result and the outbox's records are: immutable like a frozen dataclass, and
+    built in a third of the time (a frozen dataclass sets each field through object.__setattr__),
+    which counts at one Push, Result and Update per delivery.
+    """
 
     delivery_id: int
     message_id: int
@@ -61,8 +65,7 @@ class Push:
     auth: str | None = None
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     """A provider's answer to one Push, already classified."""
 
     outcome: Outcome

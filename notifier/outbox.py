@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -183,8 +183,7 @@ def _expansion_statements(dialect: str) -> tuple:
     ))
 
 
-@dataclass(frozen=True)
-class Claimed:
+class Claimed(NamedTuple):
     """A leased delivery: the Push to send, or a device that is no longer enabled."""
 
     push: Push
@@ -259,8 +258,7 @@ def _load_messages_statement():
     )
 
 
-@dataclass(frozen=True)
-class Update:
+class Update(NamedTuple):
     """The new state of one delivery after an attempt (or a decision not to attempt)."""
 
     delivery_id: int
