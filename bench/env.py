@@ -164,12 +164,26 @@ def queue_depth(server: UwsgiServer) -> dict:
 def drop_backlog(server: UwsgiServer) -> None:
     """Between phases: mark everything still queued as done (leases cleared), so the next phase starts
     from an empty outbox. The dispatcher stays up and warm: its batch in flight is not recorded
-    (the lease is no longer its own)."""
-    with db.writer(server.engine).begin() as conn:
-        conn.execute(schema.push_jobs.update().where(schema.push_jobs.c.state.in_(["pending", "expanded"]))
-                     .values(state="completed"))
-        conn.execute(schema.deliveries.update().where(schema.deliveries.c.state == "pending")
-                     .values(state="skipped", last_reason="bench_dropped", lease_owner=None, lease_until=None))
+    (the lease is no longer its own).
+
+    On PostgreSQL this bulk update takes row locks in its own order, against a dispatcher that is
+    recording a batch (its rows, then the job row): the database may pick it as a deadlock's
+    victim (40P01), which is then retried. (The service's own transactions cannot form such a
+    cycle: claims take only unlocked rows, SKIP LOCKED.)"""
+    for attempt in range(5):
+        try:
+            with db.writer(server.engine).begin() as conn:
+                conn.execute(schema.deliveries.update().where(schema.deliveries.c.state == "pending")
+                             .values(state="skipped", last_reason="bench_dropped", lease_owner=None,
+                                     lease_until=None))
+                conn.execute(schema.push_jobs.update()
+                             .where(schema.push_jobs.c.state.in_(["pending", "expanded"]))
+                             .values(state="completed"))
+            return
+        except sa.exc.OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "40P01" or attempt == 4:
+                raise
+            time.sleep(0.1)
 
 
 def wait_drained(server: UwsgiServer, timeout: float, interval: float = 0.1) -> float | None:
