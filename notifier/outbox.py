@@ -336,17 +336,20 @@ def release_leases(conn: Connection, owner: str, ids: Iterable[int] | None = Non
 
 def next_wakeup(conn: Connection, now: float) -> float | None:
     """When there is next something to do: now for a job to expand, else the earliest due or lease expiry."""
-    job = conn.execute(
-        sa.select(sa.literal(now)).where(sa.exists().where(push_jobs.c.state == "pending"))
-    ).scalar()
-    delivery = conn.execute(
-        sa.select(sa.func.min(sa.case(
-            (deliveries.c.lease_until > deliveries.c.next_attempt_at, deliveries.c.lease_until),
-            else_=deliveries.c.next_attempt_at)))
-        .where(deliveries.c.state == DeliveryState.PENDING.value)
-    ).scalar()
-    candidates = [t for t in (job, delivery) if t is not None]
-    return min(candidates) if candidates else None
+    if _ANY_JOB_PENDING.first(conn, {})[0]:
+        return now
+    return _EARLIEST_DELIVERY.first(conn, {})[0]
+
+
+# asked after every pass of the dispatcher: built once and run on the driver (built per call with
+# Core, the two cost about a third of the dispatcher's CPU per message without devices)
+_ANY_JOB_PENDING = db.DriverStatement(
+    sa.select(sa.exists().where(push_jobs.c.state == sa.literal_column("'pending'"))))
+_EARLIEST_DELIVERY = db.DriverStatement(
+    sa.select(sa.func.min(sa.case(
+        (deliveries.c.lease_until > deliveries.c.next_attempt_at, deliveries.c.lease_until),
+        else_=deliveries.c.next_attempt_at)))
+    .where(deliveries.c.state == sa.literal_column(f"'{DeliveryState.PENDING.value}'")))
 
 
 def queue_depth(conn: Connection, now: float) -> dict:
