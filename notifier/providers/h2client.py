@@ -18,7 +18,9 @@ tricks and adds what a service needs around them:
   sent, the connection is sent a PING; unanswered within `ping_timeout`, the connection is
   dropped (a black-holed connection would otherwise swallow every request routed to it);
 - a connection nearing the last stream id (2^31) takes no new streams and closes when drained;
-- frames of every request started in one pass of the event loop go out in one write;
+- frames of every request started in one pass of the event loop go out in one write; a body
+  that fits the window rides in one DATA frame with END_STREAM; one deadline timer per connection
+  (not one per request) fails the requests past their timeout;
 - header blocks are HPACK-encoded without Huffman coding (about 20 us per request saved;
   Huffman shrinks headers by a fifth, which matters little next to the payload), and indexed as
   given: h2's header normalisation, which would mark ``authorization`` never-indexed, is off, so
