@@ -13,7 +13,7 @@ polling, received DATA acknowledged, flow control, writes coalesced per loop pas
 PING liveness, GOAWAY), which FCM uses too. Measured in bench.fanout (`make bench` of 2026-12-01
 13:32 UTC: 10,000 devices, beside a lean raw-h2 client against the same fake in the same run):
 11,327 pushes/s on one connection against the lean client's 16,770/s on four (0.68x), 74 against
-45 us of CPU per push; aioapns with the previous release's fixes did 0.32-0.36x at 168-179 us.
+45 us of CPU per push (aioapns with the previous release's fixes: 0.31-0.37x at about 234 us).
 
 What this module adds for Apple: the request headers (apns-id, apns-topic, apns-push-type,
 apns-priority, apns-expiration, apns-collapse-id; per-request values never indexed by HPACK so
