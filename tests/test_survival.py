@@ -37,7 +37,7 @@ def dispatcher_pid(server) -> int:
 def test_client_reading_to_eof_gets_it_at_once_not_when_the_fan_out_ends(servers, fakes):
     server = servers(fakes, SLOW)
     chat, _ = slow_chat(server, fakes)
-    body = f'{{"text": "eof?"}}'.encode()
+    body = b'{"text": "eof?"}'
     request = (f"POST /v1/chats/{chat.chat_id}/messages HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                f"Authorization: Bearer {chat.sender_token}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -62,13 +62,16 @@ def test_worker_recycled_after_the_post_is_not_delayed_and_nothing_is_lost(serve
     server = servers(fakes, SLOW, args=("--max-requests", "1", "--min-worker-lifetime", "1", "--processes", "1"),
                      workers=1, database_url=setup.database_url)
     # The start-up probe may or may not have recycled the first worker (it does when it comes after
-    # min-worker-lifetime): recycle whichever worker runs now with a request at a known age, so the
-    # POST is the first request of a worker older than min-worker-lifetime, and recycles it
-    time.sleep(1.2)
+    # min-worker-lifetime), and its successor may have been forked a moment ago: probe until a
+    # worker recycles (a request recycles one only once it is older than min-worker-lifetime), so
+    # the POST below is the first request of a worker whose birth is known, and recycles it
     respawns = server.log_path.read_text().count("Respawned uWSGI worker")
-    assert server.get("/healthz").status == 200
-    wait_until(lambda: server.log_path.read_text().count("Respawned uWSGI worker") > respawns, 10,
-               message="the probed worker to be recycled")
+
+    def probe_recycles() -> bool:
+        assert server.get("/healthz").status == 200
+        return server.log_path.read_text().count("Respawned uWSGI worker") > respawns
+
+    wait_until(probe_recycles, 10, interval=0.3, message="a probed worker to be recycled")
     time.sleep(1.2)  # older than min-worker-lifetime, so this worker recycles after one request
     log_before = server.log_path.read_text()
     posted = time.monotonic()
