@@ -7,7 +7,7 @@ import asyncio
 import socket
 import ssl
 import threading
-from typing import Any, Callable, Collection, Dict, List
+from typing import Any, Awaitable, Callable, Collection, Dict, List, Optional
 
 from h2.settings import Settings
 
@@ -100,10 +100,12 @@ class H2Writing:
 def serve_forever(loop: asyncio.AbstractEventLoop, protocol_factory: Callable[[], asyncio.Protocol],
                   sock: socket.socket, ssl_ctx: ssl.SSLContext, ready: threading.Event,
                   failure: List[BaseException], connections: Callable[[], Collection[Any]],
-                  on_exception: Callable[[asyncio.AbstractEventLoop, Dict[str, Any]], None]) -> None:
-    """A fake's loop thread: serve TLS connections on `sock` until the loop is stopped, then drop
-    the connections still open (`connections()`: objects with abort()) and close the loop. A
-    failure to start is put in `failure`; `ready` is set either way."""
+                  on_exception: Callable[[asyncio.AbstractEventLoop, Dict[str, Any]], None],
+                  shutdown: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+    """A fake's loop thread: serve TLS connections on `sock` until the loop is stopped, then
+    await `shutdown()` if given (a server framework's own graceful close), drop the connections
+    still open (`connections()`: objects with abort()), cancel the tasks left and close the loop.
+    A failure to start is put in `failure`; `ready` is set either way."""
     asyncio.set_event_loop(loop)
     loop.set_exception_handler(on_exception)
     try:
@@ -120,9 +122,19 @@ def serve_forever(loop: asyncio.AbstractEventLoop, protocol_factory: Callable[[]
         loop.run_forever()
     finally:
         server.close()
+        if shutdown is not None:
+            try:
+                loop.run_until_complete(asyncio.wait_for(shutdown(), 2))
+            except Exception:  # noqa: BLE001 - the connections are aborted below all the same
+                pass
         for conn in list(connections()):
             conn.abort()
         # let connection_lost callbacks and transport closes run
         for _ in range(3):
             loop.run_until_complete(asyncio.sleep(0))
+        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         loop.close()

@@ -100,6 +100,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.fakes import stop_loop_thread
+from tests.fakes.h2server import serve_forever
 from tests.fakes.tls import TLSMaterial
 
 __all__ = ["WebPushFake", "WebPushRequest", "WebPushScripted", "MAX_PAYLOAD", "MAX_VAPID_EXPIRY"]
@@ -443,43 +444,24 @@ class WebPushFake:
     def _run(self, sock: socket.socket, ready: threading.Event, failure: List[BaseException]) -> None:
         loop = self._loop
         assert loop is not None
-        asyncio.set_event_loop(loop)
-        server: Optional[asyncio.AbstractServer] = None
-        web_server: Optional[_CountingServer] = None
-        try:
-            web_server = _CountingServer(
-                self,
-                self._handle,
-                loop=loop,
-                access_log=None,  # a log line per request would cost more than the request
-                auto_decompress=False,  # the body is judged as sent, whatever Content-Encoding says
-                keepalive_timeout=60,  # idle keep-alive connections are dropped after this
-            )
-            server = loop.run_until_complete(
-                loop.create_server(web_server, sock=sock, ssl=self._ssl_ctx, backlog=1024)
-            )
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            failure.append(exc)
-            sock.close()
-            ready.set()
-            loop.close()
-            return
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
+        web_server = _CountingServer(
+            self,
+            self._handle,
+            loop=loop,
+            access_log=None,  # a log line per request would cost more than the request
+            auto_decompress=False,  # the body is judged as sent, whatever Content-Encoding says
+            keepalive_timeout=60,  # idle keep-alive connections are dropped after this
+        )
+
+        async def shutdown() -> None:  # aiohttp's own close: its handlers, then their connections
             try:
-                server.close()
                 web_server.pre_shutdown()
-                loop.run_until_complete(asyncio.wait_for(web_server.shutdown(0.5), 2))
+                await web_server.shutdown(0.5)
             except BaseException as exc:  # noqa: BLE001 - stopping anyway
                 self.server_errors.append(f"shutdown: {exc!r}")
-            tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            loop.close()
+
+        serve_forever(loop, web_server, sock, self._ssl_ctx, ready, failure, tuple,
+                      lambda loop, context: loop.default_exception_handler(context), shutdown)
 
     def _count_connection(self) -> None:
         with self._cond:
