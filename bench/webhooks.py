@@ -81,11 +81,7 @@ def _fanout_scenario(env: BenchEnv, label: str, delay: float | None, devices: in
     extra = {"WEBHOOK_URL": receiver.url, "WEBHOOK_SECRET": SECRET} if receiver else {}
     server = env.server(f"webhooks-{len(env.servers)}-{int(time.time())}", env=extra)
     try:
-        small = env.chat(server, apns=1, fcm=0)
-        big = env.chat(server, apns=devices, fcm=0)
-        _, warm = post(server, small, "warm-up")
-        wait_pushed(env, server, warm, 1, [env.apns], timeout=30)
-        pid = dispatcher_pid(server)
+        small, big, pid = _warm_chats(env, server, devices)
         rows = []
         for index in range(runs):
             for n in range(QUEUED_EVENTS):  # events to keep the sender busy during the fan-out
@@ -116,6 +112,16 @@ def _fanout_scenario(env: BenchEnv, label: str, delay: float | None, devices: in
             receiver.stop()
 
 
+def _warm_chats(env: BenchEnv, server, devices: int):
+    """A one-device chat and a `devices`-device chat; one message through the small one so the
+    dispatcher is up and its APNs connection open. Returns (small, big, the dispatcher's pid)."""
+    small = env.chat(server, apns=1, fcm=0)
+    big = env.chat(server, apns=devices, fcm=0)
+    _, warm = post(server, small, "warm-up")
+    wait_pushed(env, server, warm, 1, [env.apns], timeout=30)
+    return small, big, dispatcher_pid(server)
+
+
 def _pending_events(server) -> int:
     with server.engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(schema.webhook_events)
@@ -125,11 +131,7 @@ def _pending_events(server) -> int:
 def _pruning(env: BenchEnv, rows: int, quick: bool) -> dict:
     server = env.server(f"pruning-{int(time.time())}", env={"PUSH_RETENTION": "15"})
     try:
-        small = env.chat(server, apns=1, fcm=0)
-        big = env.chat(server, apns=rows, fcm=0)
-        _, warm = post(server, small, "warm-up")
-        wait_pushed(env, server, warm, 1, [env.apns], timeout=30)
-        pid = dispatcher_pid(server)
+        small, big, pid = _warm_chats(env, server, rows)
         request = post_bytes("127.0.0.1", server.port, small.path, small.token, {"text": "during pruning"})
         seconds = 3 if quick else QUIET_SECONDS
         quiet = open_loop("127.0.0.1", server.port, lambda i: request, POST_RATE, seconds)
